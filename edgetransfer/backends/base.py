@@ -1,0 +1,56 @@
+"""The one interface every inference backend fills in.
+
+Polygraphy's shape: a backend only fills hooks; a runner acquires its resources on `__enter__` and
+releases them on `__exit__`; nothing outside `backends/` knows which framework it is talking to.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class Runner(abc.ABC):
+    """Runs one loaded model. Use as a context manager; `infer` is valid only inside it."""
+
+    #: what actually executed, e.g. "fp32", "int8", "bf16" — reported, not assumed
+    precision: str = "fp32"
+    description: str = ""
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        """Acquire sessions, device memory, compiled models."""
+
+    def deactivate(self) -> None:
+        """Release what `activate` acquired."""
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """NCHW float32 batch in, (N, classes) float32 logits out."""
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    #: pip requirement that makes `available()` true, for the error message
+    install_hint: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def available(self) -> str | None:
+        """None if usable here, else the reason it is not (shown to the user with exit code 3)."""
+
+    def compile(self, onnx: Path, target: Any, out: Path) -> Path:
+        """Turn an ONNX file into this backend's artifact in folder `out`; return the artifact path."""
+        raise NotImplementedError(f"{self.name} does not compile ONNX models")
+
+    @abc.abstractmethod
+    def load(self, artifact: Path, target: Any = None) -> Runner:
+        """A runner for an artifact this backend made (or can read)."""

@@ -1,0 +1,69 @@
+"""ONNX Runtime on the CPU: the reference runtime for exported and quantized ONNX models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import IntegrityError, UsageError
+from .base import Backend, Runner
+
+
+def onnx_precision(path: Path) -> str:
+    """What the graph computes in: QDQ nodes mean INT8 kernels, otherwise the float type of the input."""
+    try:
+        import onnx
+    except ImportError:
+        return "unknown (onnx not installed)"
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        return "int8"
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    return {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}.get(elem, "unknown")
+
+
+class OnnxRuntimeRunner(Runner):
+    def __init__(self, path: Path, *, threads: int = 0, providers: list[str] | None = None):
+        self.path = path
+        self.threads = threads
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.session: Any = None
+        self.description = f"onnxruntime {self.providers[0]}"
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        if not self.path.exists():
+            raise UsageError("ONNX model not found; run `edgetransfer export` first", path=self.path)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types for malformed models
+            raise IntegrityError(f"ONNX Runtime cannot load the model ({exc})", path=self.path) from exc
+        self.precision = onnx_precision(self.path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    install_hint = "pip install onnxruntime"
+
+    def available(self) -> str | None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return f"onnxruntime is not installed ({self.install_hint})"
+        return None
+
+    def load(self, artifact: Path, target: Any = None) -> Runner:
+        return OnnxRuntimeRunner(Path(artifact))

@@ -1,0 +1,175 @@
+"""The command line: parse flags, call one API function, print a summary, set the exit code.
+
+No logic lives here beyond mapping flags onto the Python API and errors onto DESIGN.md's exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EdgeTransferError
+
+log = logging.getLogger("edgetransfer")
+
+
+class _Group(click.Group):
+    """Turns the toolkit's typed errors into one line on stderr and their exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeTransferError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted: completed artifacts are kept; nothing half-written remains", err=True)
+            ctx.exit(130)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("edgetransfer")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    Console(width=max(100, Console().width)).print(table)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="edgetransfer")
+def main(verbose: bool) -> None:
+    """Adapt a pretrained backbone to your images, export it, and prove the export answers the same."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--backbone", default="resnet18", show_default=True, help="See `edgetransfer backbones`.")
+@click.option("--weights", default="default", show_default=True,
+              help="default | IMAGENET1K_V1 (any torchvision weights name) | none | PATH (state dict or run folder).")
+@click.option("--mode", type=click.Choice(["features", "partial", "finetune"]), default="finetune", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--img-size", type=click.IntRange(min=8), default=224, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Head learning rate.")
+@click.option("--backbone-lr-mult", type=float, default=None, help="Backbone lr = lr x this (default 0.1 pretrained, 1 scratch).")
+@click.option("--unfreeze-stages", type=click.IntRange(min=1), default=2, show_default=True, help="For --mode partial.")
+@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True, help="Early stopping, in epochs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def train(data: Path, out: Path, resume: bool, **options: Any) -> None:
+    """Adapt a backbone to the ImageFolder tree DATA (DATA/train/<class>/..., optional val/ and test/)."""
+    from .adapt.train import TrainConfig, train as run_train
+
+    options["num_workers"] = options.pop("workers")
+    result = run_train(data, out, TrainConfig(**options), resume=resume)
+    m = result.meta.metrics
+    _table(f"trained {result.meta.backbone} ({result.meta.mode}) → {out}", ["metric", "value"], [
+        ["classes", ", ".join(result.meta.classes)], ["best epoch", m.get("best_epoch")],
+        ["val accuracy", f"{m.get('val_accuracy', 0):.4f}"],
+        ["test accuracy", "—" if m.get("test_accuracy") is None else f"{m['test_accuracy']:.4f}"],
+        ["test images", m.get("test_samples")]])
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--opset", type=click.IntRange(min=13), default=18, show_default=True)
+def export(run: Path, opset: int) -> None:
+    """Export RUN's best checkpoint to RUN/model.onnx (dynamic batch, metadata, full checker pass)."""
+    from .export import export_onnx
+
+    path = export_onnx(run, opset=opset)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Held-out images: DIR/test/ or DIR/<class>/. Default: the run's own test split.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+def validate(run: Path, data: Path | None, batch_size: int) -> None:
+    """Compare torch fp32 with the exported ONNX on held-out images; exit 1 when a gate fails."""
+    from .validate import validate as run_validate
+
+    report = run_validate(run, data, batch_size=batch_size)
+    _print_parity(report)
+    click.echo(f"report: {run / 'parity.md'}")
+    if not report.passed:
+        sys.exit(1)
+
+
+def _print_parity(report: Any) -> None:
+    rows = []
+    for p in report.pairs:
+        acc = "—" if p.candidate_accuracy is None else f"{p.reference_accuracy:.4f} / {p.candidate_accuracy:.4f}"
+        rows.append([p.pair, p.samples, acc, f"{p.agreement:.4f}", f"{p.max_abs_diff:.2e}", f"{p.min_cosine:.6f}",
+                     "pass" if p.passed else "FAIL: " + "; ".join(p.failures)])
+    _table("parity", ["pair", "samples", "accuracy ref / cand", "agreement", "max |Δ|", "min cosine", "gate"], rows)
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--quick", is_flag=True, help="Smallest settings (a smoke test, not a meaningful comparison).")
+def demo(out: Path, quick: bool) -> None:
+    """The whole flow on the embedded synthetic factory-surface data, offline, on a CPU."""
+    from .demo import run_demo
+
+    result = run_demo(out, quick=quick)
+    _table("transfer vs. training from scratch (same target data, same epochs)",
+           ["model", "pretraining", "target train images", "test accuracy"],
+           [[r["name"], r["pretraining"], r["train_images"], f"{r['test_accuracy']:.4f}"] for r in result["models"]])
+    _print_parity(result["parity"])
+    click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}  ({result['seconds']:.0f} s)")
+    if not result["parity"].passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--timm/--no-timm", default=True, help="Include timm models when timm is installed.")
+def backbones(timm: bool) -> None:
+    """List the backbone names `train --backbone` accepts."""
+    from .backbones import list_backbones
+
+    for name in list_backbones(include_timm=timm):
+        click.echo(name)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--task", type=click.Choice(["defects", "marks"]), default="defects", show_default=True)
+@click.option("--train", "n_train", type=click.IntRange(min=1), default=40, show_default=True, help="Images per class.")
+@click.option("--val", "n_val", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--test", "n_test", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--size", type=click.IntRange(min=16), default=96, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(out: Path, task: str, n_train: int, n_val: int, n_test: int, size: int, seed: int) -> None:
+    """Write the synthetic factory-surface dataset (ImageFolder layout) to OUT."""
+    from .data.synthetic import SyntheticConfig, generate_dataset
+
+    counts = {k: v for k, v in (("train", n_train), ("val", n_val), ("test", n_test)) if v}
+    info = generate_dataset(out, SyntheticConfig(task=task, counts=counts, size=size, seed=seed), progress=True)
+    click.echo(f"wrote {out}: classes {', '.join(info['classes'])}; per class {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""ONNX export: dynamic batch, a recent opset, a full checker pass, and the input spec inside the file.
+
+The class list and input spec are written into the model's metadata so that an ONNX file separated
+from its run folder still says how to feed it and how to read its outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+from .errors import UsageError
+from .fsutil import atomic_path
+from .spec import RunMeta
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+META_PREFIX = "edgetransfer."
+
+
+def onnx_metadata(meta: RunMeta) -> dict[str, str]:
+    return {
+        f"{META_PREFIX}schema_version": str(meta.schema_version),
+        f"{META_PREFIX}classes": json.dumps(meta.classes),
+        f"{META_PREFIX}input_spec": json.dumps(meta.input_spec.to_dict(), sort_keys=True),
+        f"{META_PREFIX}backbone": meta.backbone,
+        f"{META_PREFIX}weights": meta.weights,
+        f"{META_PREFIX}mode": meta.mode,
+        f"{META_PREFIX}data_hash": str(meta.data.get("hash", "")),
+    }
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+def export_onnx(run: str | Path, *, out: str | Path | None = None, opset: int = OPSET) -> Path:
+    """Export a run's best checkpoint to `RUN/model.onnx` (or `out`), atomically.
+
+    Uses torch's current exporter (torch.export based). The graph keeps the batch dimension dynamic;
+    weights are stored inside the file (no external data) so the artifact is one self-contained file.
+    """
+    import onnx
+    import torch
+
+    from .adapt.checkpoint import load_model
+
+    run = Path(run)
+    model, meta = load_model(run)
+    target = Path(out) if out is not None else run / ONNX_FILE
+    spec = meta.input_spec
+    example = torch.randn(2, 3, spec.height, spec.width)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with atomic_path(target) as tmp:
+        # the exporter narrates each phase on stdout; keep the CLI's output to our own summary
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:
+            try:
+                program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                            opset_version=opset, dynamo=True, external_data=False,
+                                            dynamic_shapes=({0: batch},), verbose=False)
+            except Exception as exc:
+                raise UsageError(f"ONNX export of {meta.backbone} failed: {exc}", path=run) from exc
+        log.debug("exporter output:\n%s", chatter.getvalue())
+        proto = program.model_proto
+        del proto.metadata_props[:]
+        for key, value in onnx_metadata(meta).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.doc_string = f"edgetransfer {meta.backbone} ({meta.mode}) — classes: {', '.join(meta.classes)}"
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save_model(proto, str(tmp))
+    log.info("exported %s (opset %d) to %s", meta.backbone, opset, target)
+    return target

@@ -1,0 +1,153 @@
+"""Pure numpy comparison of two runners' outputs on the same inputs.
+
+The comparator never knows which frameworks produced the logits: it sees two arrays, the labels and
+the gates. A report holds one `PairReport` per pair and passes only when every pair passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds for one pair; `None` disables a gate."""
+
+    min_agreement: float | None = 1.0          # top-1 agreement, 0..1
+    max_abs_diff: float | None = 1e-4          # on logits
+    max_accuracy_drop: float | None = None     # percentage points, candidate vs reference
+    min_cosine: float | None = None            # per-sample cosine similarity of logits
+
+
+FP32_GATES = Gates(min_agreement=1.0, max_abs_diff=1e-4, max_accuracy_drop=0.0, min_cosine=0.999999)
+
+
+@dataclass
+class Side:
+    name: str
+    precision: str
+
+
+@dataclass
+class PairReport:
+    pair: str
+    reference: Side
+    candidate: Side
+    samples: int
+    reference_accuracy: float | None
+    candidate_accuracy: float | None
+    accuracy_drop: float | None       # points
+    agreement: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    min_cosine: float
+    gates: Gates
+    failures: list[str] = field(default_factory=list)
+    disagreement_confusion: list[list[int]] | None = None  # rows: reference prediction, cols: candidate
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    denom = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return np.where(denom > 0, (a64 * b64).sum(1) / np.maximum(denom, 1e-300), 1.0)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (y_true, y_pred), 1)
+    return m
+
+
+def compare(pair: str, reference: Side, candidate: Side, ref_logits: np.ndarray, cand_logits: np.ndarray,
+            labels: np.ndarray | None, gates: Gates) -> PairReport:
+    """Measure how far `candidate` is from `reference` and check the gates."""
+    if ref_logits.shape != cand_logits.shape or ref_logits.ndim != 2:
+        raise ValueError(f"{pair}: output shapes differ: {ref_logits.shape} vs {cand_logits.shape}")
+    n, classes = ref_logits.shape
+    ref_pred, cand_pred = ref_logits.argmax(1), cand_logits.argmax(1)
+    diff = np.abs(ref_logits.astype(np.float64) - cand_logits.astype(np.float64))
+    finite = bool(np.isfinite(cand_logits).all())
+    ref_acc = cand_acc = drop = None
+    if labels is not None and n:
+        ref_acc = float((ref_pred == labels).mean())
+        cand_acc = float((cand_pred == labels).mean())
+        drop = round((ref_acc - cand_acc) * 100.0, 6)
+    report = PairReport(
+        pair=pair, reference=reference, candidate=candidate, samples=n,
+        reference_accuracy=ref_acc, candidate_accuracy=cand_acc, accuracy_drop=drop,
+        agreement=float((ref_pred == cand_pred).mean()) if n else 1.0,
+        max_abs_diff=float(diff.max()) if n else 0.0, mean_abs_diff=float(diff.mean()) if n else 0.0,
+        min_cosine=float(_cosine(ref_logits, cand_logits).min()) if n else 1.0, gates=gates)
+    if not finite:
+        report.failures.append("candidate produced non-finite outputs")
+    if gates.min_agreement is not None and report.agreement < gates.min_agreement:
+        report.failures.append(f"top-1 agreement {report.agreement:.4f} < {gates.min_agreement}")
+    if gates.max_abs_diff is not None and report.max_abs_diff > gates.max_abs_diff:
+        report.failures.append(f"max abs diff {report.max_abs_diff:.3g} > {gates.max_abs_diff:g}")
+    if gates.max_accuracy_drop is not None and drop is not None and drop > gates.max_accuracy_drop + 1e-9:
+        report.failures.append(f"accuracy drop {drop:.2f} points > {gates.max_accuracy_drop}")
+    if gates.min_cosine is not None and report.min_cosine < gates.min_cosine:
+        report.failures.append(f"min cosine {report.min_cosine:.6f} < {gates.min_cosine}")
+    if report.agreement < 1.0:
+        report.disagreement_confusion = confusion(ref_pred, cand_pred, classes).tolist()
+    return report
+
+
+@dataclass
+class ParityReport:
+    classes: list[str]
+    pairs: list[PairReport]
+    context: dict[str, Any] = field(default_factory=dict)  # run, data, spec: what was compared on what
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "classes": self.classes, "context": self.context,
+                "pairs": [p.to_dict() for p in self.pairs]}
+
+    def to_markdown(self) -> str:
+        lines = [f"# Parity report — {'PASSED' if self.passed else 'FAILED'}", ""]
+        for key, value in self.context.items():
+            lines.append(f"- **{key}**: {value}")
+        lines += ["", "| pair | reference (precision) | candidate (precision) | samples | ref acc | cand acc | "
+                      "drop (pts) | agreement | max abs diff | mean abs diff | min cosine | passed |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for p in self.pairs:
+            lines.append(
+                f"| {p.pair} | {p.reference.name} ({p.reference.precision}) | {p.candidate.name} "
+                f"({p.candidate.precision}) | {p.samples} | {_pct(p.reference_accuracy)} | "
+                f"{_pct(p.candidate_accuracy)} | {_num(p.accuracy_drop, '.2f')} | {p.agreement:.4f} | "
+                f"{p.max_abs_diff:.3g} | {p.mean_abs_diff:.3g} | {p.min_cosine:.6f} | "
+                f"{'yes' if p.passed else '**NO**'} |")
+        for p in self.pairs:
+            if p.failures:
+                lines += ["", f"## {p.pair}: failed gates", *[f"- {f}" for f in p.failures]]
+            if p.disagreement_confusion is not None:
+                lines += ["", f"## {p.pair}: where predictions disagree",
+                          "rows: reference prediction, columns: candidate prediction", "",
+                          "| | " + " | ".join(self.classes) + " |", "|---" * (len(self.classes) + 1) + "|"]
+                lines += [f"| **{c}** | " + " | ".join(str(v) for v in row) + " |"
+                          for c, row in zip(self.classes, p.disagreement_confusion)]
+        return "\n".join(lines) + "\n"
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v * 100:.2f}%"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
