@@ -48,7 +48,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*[str(v) for v in row])
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(140, Console().width)).print(table)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,14 +106,16 @@ def export(run: Path, opset: int) -> None:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Held-out images: DIR/test/ or DIR/<class>/. Default: the run's own test split.")
+@click.option("--target", default=None, help="Validate RUN/<target>/'s artifacts (see `edgetransfer targets`).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-def validate(run: Path, data: Path | None, batch_size: int) -> None:
-    """Compare torch fp32 with the exported ONNX on held-out images; exit 1 when a gate fails."""
+def validate(run: Path, data: Path | None, target: str | None, batch_size: int) -> None:
+    """Compare torch fp32 with the exported (and the target's quantized/compiled) models on held-out
+    images; exit 1 when a gate fails."""
     from .validate import validate as run_validate
 
-    report = run_validate(run, data, batch_size=batch_size)
+    report = run_validate(run, data, target=target, batch_size=batch_size)
     _print_parity(report)
-    click.echo(f"report: {run / 'parity.md'}")
+    click.echo(f"report: {run / target if target else run}/parity.md")
     if not report.passed:
         sys.exit(1)
 
@@ -125,6 +127,96 @@ def _print_parity(report: Any) -> None:
         rows.append([p.pair, p.samples, acc, f"{p.agreement:.4f}", f"{p.max_abs_diff:.2e}", f"{p.min_cosine:.6f}",
                      "pass" if p.passed else "FAIL: " + "; ".join(p.failures)])
     _table("parity", ["pair", "samples", "accuracy ref / cand", "agreement", "max |Δ|", "min cosine", "gate"], rows)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx: click.Context) -> None:
+    """List the target profiles; `targets show NAME` prints one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .targets import list_targets, load_target
+
+    rows = []
+    for name in list_targets():
+        t = load_target(name)
+        q = t.quantization
+        rows.append([name, t.backend, t.device, t.precision, f"{t.batch.min}-{t.batch.max}",
+                     f"{q.quantizer}, {q.activations}, {q.weights}" if q else "—", t.description])
+    _table("target profiles", ["name", "backend", "device", "precision", "batch", "quantization", "description"], rows)
+
+
+@targets.command("show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Print one target profile as YAML (defaults filled in)."""
+    import yaml
+
+    from .schema import to_dict
+    from .targets import load_target
+
+    click.echo(yaml.safe_dump(to_dict(load_target(name)), sort_keys=False).rstrip())
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="Target profile name or YAML path.")
+@click.option("--calib", default=None, help="Calibration preset name or YAML path (default: the target's).")
+def quantize(run: Path, target: str, calib: str | None) -> None:
+    """Calibrate on train/val images and write RUN/<target>/model.int8.onnx (explicit QDQ)."""
+    from .stages import quantize_run
+
+    result = quantize_run(run, target, calib=calib)
+    r = result.report
+    rows = [[c["quantizer"], _fmt(c.get("val_accuracy")), _fmt(c.get("agreement")), c.get("error", "")]
+            for c in r.candidates]
+    _table(f"quantizers tried (fp32 validation accuracy {r.fp32_val_accuracy:.4f})",
+           ["quantizer", "INT8 val accuracy", "agreement", "note"], rows)
+    if r.fallback:
+        _table(f"kept in fp32 to meet the {r.budget} point budget",
+               ["layer", "op", "val accuracy after", "drop after (pts)", "saved (pts)"],
+               [[f["layer"], f["op_type"], _fmt(f["val_accuracy_after"]), f"{f['drop_after']:.2f}",
+                 f"{f['saved_points']:.2f}"] for f in r.fallback])
+    click.echo(f"wrote {result.model} with {r.quantizer}: drop {r.drop:.2f} points "
+               f"({'within' if r.within_budget else 'OVER'} the {r.budget} point budget); "
+               f"calibration: {result.calibration['count']} images")
+    if not r.within_budget:
+        sys.exit(1)
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+@main.command("compile")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="Target profile name or YAML path.")
+def compile_cmd(run: Path, target: str) -> None:
+    """Build the target's artifact in RUN/<target>/ (OpenVINO IR, ONNX Runtime model + session options...)."""
+    from .stages import compile_run
+
+    artifact = compile_run(run, target)
+    click.echo(f"wrote {artifact}")
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+def run_cmd(recipe: Path) -> None:
+    """Run a recipe: train → export → quantize → compile → validate for each of its targets."""
+    from .pipeline import run_recipe
+
+    result = run_recipe(recipe)
+    _print_targets(result["targets"])
+    if not result["passed"]:
+        sys.exit(1)
+
+
+def _print_targets(rows: list[dict[str, Any]]) -> None:
+    _table("per target: accuracy on held-out images, agreement with torch fp32, latency",
+           ["target", "precision (ran)", "fp32 acc", "deployed acc", "drop (pts)", "agreement", "latency b1 p50",
+            "gates"],
+           [[r["target"], r["precision"], _fmt(r["fp32_accuracy"]), _fmt(r["accuracy"]), f"{r['drop']:.2f}",
+             _fmt(r["agreement"]), f"{r['latency_ms']:.2f} ms", "pass" if r["passed"] else "FAIL"] for r in rows])
 
 
 @main.command()
@@ -139,8 +231,9 @@ def demo(out: Path, quick: bool) -> None:
            ["model", "pretraining", "target train images", "test accuracy"],
            [[r["name"], r["pretraining"], r["train_images"], f"{r['test_accuracy']:.4f}"] for r in result["models"]])
     _print_parity(result["parity"])
+    _print_targets([t for t in result["targets"] if t["passed"] is not None])
     click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}  ({result['seconds']:.0f} s)")
-    if not result["parity"].passed:
+    if not result["parity"].passed or not all(t["passed"] for t in result["targets"] if t["passed"] is not None):
         sys.exit(1)
 
 

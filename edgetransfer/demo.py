@@ -12,18 +12,17 @@ interrupted, so re-running the demo is cheap and never clobbers anything it did 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .adapt.train import TrainConfig, TrainResult, _config_record, train
+from .adapt.train import TrainConfig
 from .data.synthetic import SyntheticConfig, generate_dataset
 from .export import export_onnx
 from .fsutil import write_json, write_text
-from .spec import RunMeta
+from .pipeline import deploy_target, train_or_reuse
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -40,28 +39,16 @@ class DemoConfig:
     target_val_per_class: int = 6
     target_test_per_class: int = 40
     target_epochs: int = 15
+    targets: tuple[str, ...] = ("intel-cpu", "x86-onnxruntime")
+    calibration: str = "default"
     seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A smoke run for tests: seconds, not minutes; the numbers mean nothing."""
         return cls(img_size=32, generated_size=48, source_per_class=6, source_epochs=1, target_per_class=4,
-                   target_val_per_class=2, target_test_per_class=3, target_epochs=1)
-
-
-def _train_or_reuse(data: Path, run: Path, config: TrainConfig) -> TrainResult:
-    """Reuse a finished run with identical settings, resume an interrupted one, else train."""
-    config_file = run / "train_config.json"
-    same = config_file.exists() and json.loads(config_file.read_text()) == _config_record(data, config)
-    meta_file = run / "meta.json"
-    if same and meta_file.exists():
-        meta = RunMeta.load(meta_file)
-        if "test_accuracy" in meta.metrics:
-            log.info("reusing %s (finished with the same settings)", run)
-            history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-            return TrainResult(run=run, meta=meta, history=history)
-    resume = same and (run / "checkpoints" / "last.json").exists()
-    return train(data, run, config, resume=resume)
+                   target_val_per_class=2, target_test_per_class=3, target_epochs=1,
+                   calibration="quick")
 
 
 def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None, quick: bool = False) -> dict[str, Any]:
@@ -85,20 +72,21 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     base = TrainConfig(backbone=cfg.backbone, weights="none", mode="finetune", img_size=cfg.img_size,
                        batch_size=32, seed=cfg.seed, patience=cfg.target_epochs)
     log.info("[1/5] pretraining %s on the source task (%s)", cfg.backbone, source_data)
-    source = _train_or_reuse(source_data, out / "source", replace(base, epochs=cfg.source_epochs))
+    source = train_or_reuse(source_data, out / "source", replace(base, epochs=cfg.source_epochs))
     target = replace(base, epochs=cfg.target_epochs, batch_size=16)
     log.info("[2/5] adapting to the defect task: features mode (frozen backbone)")
-    features = _train_or_reuse(target_data, out / "transfer-features",
+    features = train_or_reuse(target_data, out / "transfer-features",
                                replace(target, weights=str(source.run), mode="features", lr=1e-2))
     log.info("[3/5] adapting to the defect task: finetune mode")
-    finetune = _train_or_reuse(target_data, out / "transfer-finetune", replace(target, weights=str(source.run)))
+    finetune = train_or_reuse(target_data, out / "transfer-finetune", replace(target, weights=str(source.run)))
     log.info("[4/5] the same network from scratch on the same few labels")
-    scratch = _train_or_reuse(target_data, out / "scratch", target)
+    scratch = train_or_reuse(target_data, out / "scratch", target)
 
     adapted = max((features, finetune), key=lambda r: r.meta.metrics.get("val_accuracy", 0.0))
-    log.info("[5/5] exporting %s and validating parity", adapted.run.name)
+    log.info("[5/5] exporting %s, validating parity, then INT8 for %s", adapted.run.name, ", ".join(cfg.targets))
     onnx_path = export_onnx(adapted.run)
     report = validate(adapted.run)
+    deployed = [deploy_target(adapted.run, t, calib=cfg.calibration) for t in cfg.targets]
     train_images = cfg.target_per_class * 5
     models = [
         {"name": "transfer, features (frozen)", "pretraining": "source task", "run": str(features.run),
@@ -111,7 +99,7 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     seconds = time.perf_counter() - t0
     summary = {"config": asdict(cfg), "source_val_accuracy": source.meta.metrics.get("val_accuracy"),
                "models": models, "exported": str(adapted.run), "onnx": str(onnx_path),
-               "parity_passed": report.passed, "seconds": round(seconds, 1)}
+               "parity_passed": report.passed, "targets": deployed, "seconds": round(seconds, 1)}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _summary_markdown(summary))
     return {**summary, "parity": report, "report": str(adapted.run / "parity.md")}
@@ -121,6 +109,12 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["# edgetransfer demo", "", "| model | pretraining | target train images | test accuracy |", "|---|---|---:|---:|"]
     lines += [f"| {m['name']} | {m['pretraining']} | {m['train_images']} | {m['test_accuracy']:.4f} |"
               for m in summary["models"]]
+    lines += ["", "| target | precision | fp32 acc | deployed acc | agreement | latency b1 p50 | gates |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {t['target']} | skipped: {t['skipped']} | | | | | |" if t["passed"] is None else
+              f"| {t['target']} | {t['precision']} | {t['fp32_accuracy']:.4f} | {t['accuracy']:.4f} | "
+              f"{t['agreement']:.4f} | {t['latency_ms']:.2f} ms | {'pass' if t['passed'] else 'FAIL'} |"
+              for t in summary["targets"]]
     lines += ["", f"Exported and validated: `{summary['onnx']}` — parity {'passed' if summary['parity_passed'] else 'FAILED'}",
               f"Wall time: {summary['seconds']} s"]
     return "\n".join(lines) + "\n"

@@ -110,6 +110,8 @@ class ParityReport:
     classes: list[str]
     pairs: list[PairReport]
     context: dict[str, Any] = field(default_factory=dict)  # run, data, spec: what was compared on what
+    latency: dict[str, Any] | None = None  # of the deployed artifact, batch 1 (bench.Latency)
+    summary: dict[str, Any] = field(default_factory=dict)  # the deployed artifact against torch fp32 and labels
 
     @property
     def passed(self) -> bool:
@@ -117,7 +119,8 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "classes": self.classes, "context": self.context,
-                "pairs": [p.to_dict() for p in self.pairs]}
+                "pairs": [p.to_dict() for p in self.pairs],
+                "latency": self.latency, "summary": self.summary}
 
     def to_markdown(self) -> str:
         lines = [f"# Parity report — {'PASSED' if self.passed else 'FAILED'}", ""]

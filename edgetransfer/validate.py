@@ -1,112 +1,185 @@
-"""The validate stage: run the reference and the artifact on held-out images, compare, gate.
+"""The validate stage: run the reference and the artifacts on held-out images, compare, gate.
 
-Inputs are produced once by the deployment preprocessing and fed to both sides, so a difference in
-the report is a difference in the models, never in how they were fed.
+Inputs are produced once by the deployment preprocessing and fed to every side, so a difference in
+the report is a difference in the models, never in how they were fed. The pairs follow DESIGN.md:
+export fidelity (torch vs ONNX fp32), the lowering effect (torch fp32 vs the INT8/fp16 model, judged
+against labels), compiler fidelity (the ONNX the target compiled from, in ONNX Runtime, vs the
+compiled artifact), and a dynamic-batch check of what will be deployed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backends import Runner, get_backend
-from .data.folder import Sample, dataset_hash, scan_dataset, scan_split
+from .bench import measure
+from .data.folder import Sample, scan_split
 from .errors import UsageError
 from .export import ONNX_FILE
 from .fsutil import write_json, write_text
-from .parity import FP32_GATES, Gates, ParityReport, Side, compare
+from .parity import FP32_GATES, Gates, PairReport, ParityReport, Side, compare
 from .preprocess import load_image, preprocess
 from .progress import progress_bar
 from .spec import InputSpec, RunMeta
+from .stages import as_target, compiled_artifact, compiled_input, run_splits, target_dir
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
 
 def held_out_samples(meta: RunMeta, data: str | Path | None) -> tuple[list[Sample], str]:
-    """The images to validate on, and a description of where they came from.
+    """The images to validate on, and where they came from.
 
-    Without `data`, the run's own test split is rebuilt from its recorded root, seed and fractions
-    (a changed dataset is reported). With `data`: `DIR/test/` if present, else DIR's class folders.
+    Without `data`: the run's own test split, rebuilt from its recorded root, seed and fractions.
+    With `data`: `DIR/test/` if present, else DIR's class folders.
     """
     if data is None:
-        root = meta.data.get("root")
-        if not root or not Path(root).exists():
-            raise UsageError("the run's dataset is not at its recorded location; pass --data DIR", field="data.root")
-        splits = scan_dataset(root, classes=meta.classes, seed=meta.data.get("seed", 0),
-                              val_fraction=meta.data.get("val_fraction", 0.15),
-                              test_fraction=meta.data.get("test_fraction", 0.15))
-        if dataset_hash(splits) != meta.data.get("hash"):
-            log.warning("dataset at %s changed since training (hash differs); validating on its current test split", root)
-        return splits.test, f"{root} (test split of the training data)"
+        splits = run_splits(meta)
+        return splits.test, f"{splits.root} (test split of the training data)"
     folder = Path(data)
     if (folder / "test").is_dir():
         folder = folder / "test"
     return scan_split(folder, meta.classes), str(folder)
 
 
-def _batches(samples: Sequence[Sample], spec: InputSpec, batch_size: int):
+def _batches(samples: Sequence[Sample], spec: InputSpec, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         yield np.stack([preprocess(load_image(s.path), spec) for s in chunk]), np.array([s.label for s in chunk])
 
 
-def run_pairs(samples: Sequence[Sample], spec: InputSpec, runners: dict[str, Runner], *,
-              batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def run_all(samples: Sequence[Sample], spec: InputSpec, runners: dict[str, Runner], *,
+            batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every runner's logits over the samples, fed identical preprocessed batches."""
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in runners}
     labels = []
-    for x, y in progress_bar(_batches(samples, spec, batch_size), "validating",
-                             total=-(-len(samples) // batch_size)):
+    for x, y in progress_bar(_batches(samples, spec, batch_size), "validating", total=-(-len(samples) // batch_size)):
         labels.append(y)
         for name, runner in runners.items():
             outputs[name].append(runner.infer(x))
     return {k: np.concatenate(v) for k, v in outputs.items()}, np.concatenate(labels)
 
 
-def validate(run: str | Path, data: str | Path | None = None, *, batch_size: int = 16,
-             gates: Gates = FP32_GATES) -> ParityReport:
-    """Compare torch fp32 with the exported ONNX (ONNX Runtime) on held-out images.
+@dataclass
+class _Side:
+    key: str
+    runner: Runner
 
-    Writes `RUN/parity.json`, `RUN/parity.md` and `RUN/parity.png`; the caller decides the exit code
-    from `report.passed`. Two pairs: export fidelity over the whole set at `batch_size`, and the
-    ONNX model at batch 1 against itself at `batch_size` (a graph that only works at the export
-    batch size fails here).
+    def side(self, suffix: str = "") -> Side:
+        return Side(self.runner.description + suffix, self.runner.precision)
+
+
+def validate(run: str | Path, data: str | Path | None = None, *, target: str | Path | Target | None = None,
+             batch_size: int = 16) -> ParityReport:
+    """Compare the run's torch model with its exported (and, for a target, lowered and compiled) models.
+
+    Without a target: torch vs ONNX fp32, written to `RUN/parity.*`. With a target: every pair of
+    DESIGN.md with the target's gates, written to `RUN/<target>/parity.*`, plus batch-1 latency of the
+    compiled artifact. The caller decides the exit code from `report.passed`.
     """
     run = Path(run)
     meta = RunMeta.load(run / "meta.json")
+    tgt = as_target(target) if target is not None else None
     samples, source = held_out_samples(meta, data)
     if not samples:
         raise UsageError("no held-out images to validate on", path=source)
     onnx_path = run / ONNX_FILE
     if not onnx_path.exists():
         raise UsageError("no exported model; run `edgetransfer export` first", path=onnx_path)
-    torch_runner = get_backend("torch").load(run)
-    ort_runner = get_backend("onnxruntime").load(onnx_path)
-    with torch_runner, ort_runner:
-        logits, labels = run_pairs(samples, meta.input_spec, {"torch": torch_runner, "onnxruntime": ort_runner},
-                                   batch_size=batch_size)
-        few = samples[: min(len(samples), 2 * batch_size)]
-        single, _ = run_pairs(few, meta.input_spec, {"onnxruntime": ort_runner}, batch_size=1)
-        torch_side = Side(torch_runner.description, "fp32")
-        ort_side = Side(ort_runner.description, ort_runner.precision)
-    pairs = [
-        compare("export fidelity: torch vs ONNX", torch_side, ort_side, logits["torch"], logits["onnxruntime"],
-                labels, gates),
-        compare(f"dynamic batch: ONNX batch {batch_size} vs batch 1", replace(ort_side, name=f"{ort_side.name} batch {batch_size}"),
-                replace(ort_side, name=f"{ort_side.name} batch 1"), logits["onnxruntime"][: len(few)],
-                single["onnxruntime"], labels[: len(few)], Gates(min_agreement=1.0, max_abs_diff=gates.max_abs_diff)),
-    ]
+    sides = {"torch": _Side("torch", get_backend("torch").load(run)),
+             "onnx": _Side("onnx", get_backend("onnxruntime").load(onnx_path))}
+    if tgt is not None:
+        if tgt.quantized:
+            sides["qdq"] = _Side("qdq", get_backend("onnxruntime").load(compiled_input(run, tgt)))
+        backend = get_backend(tgt.backend)  # exit 3 here when the target's runtime is absent
+        sides["compiled"] = _Side("compiled", backend.load(compiled_artifact(run, tgt), tgt))
+    deployed = sides["compiled" if tgt else "onnx"]
+    batch_max = tgt.batch.max if tgt else batch_size
+    entered = []
+    try:
+        for s in sides.values():
+            s.runner.__enter__()
+            entered.append(s.runner)
+        logits, labels = run_all(samples, meta.input_spec, {k: s.runner for k, s in sides.items()},
+                                 batch_size=min(batch_size, batch_max))
+        few = samples[: min(len(samples), 2 * batch_max)]
+        single, _ = run_all(few, meta.input_spec, {"deployed": deployed.runner}, batch_size=1)
+        batched, few_labels = run_all(few, meta.input_spec, {"deployed": deployed.runner}, batch_size=batch_max)
+        latency = measure(deployed.runner, (3, meta.input_spec.height, meta.input_spec.width),
+                          batch=1, warmup=3, iterations=20)
+        pairs = _pairs(sides, logits, labels, tgt)
+        pairs.append(compare(f"dynamic batch: {deployed.runner.description} batch 1 vs {batch_max}",
+                             deployed.side(f" batch {batch_max}"), deployed.side(" batch 1"),
+                             batched["deployed"], single["deployed"], few_labels,
+                             Gates(min_agreement=1.0, max_abs_diff=_batch_tolerance(tgt))))
+    finally:
+        for r in reversed(entered):
+            r.__exit__(None, None, None)
+    out = target_dir(run, tgt) if tgt else run
     report = ParityReport(classes=meta.classes, pairs=pairs, context={
-        "run": str(run), "data": source, "samples": len(samples), "backbone": meta.backbone,
-        "input": f"{meta.input_spec.height}x{meta.input_spec.width} {meta.input_spec.color_order}"})
-    write_json(run / "parity.json", report.to_dict())
-    write_text(run / "parity.md", report.to_markdown())
+        "run": str(run), "target": tgt.name if tgt else "none (fp32 export only)", "data": source,
+        "samples": len(samples), "backbone": meta.backbone,
+        "input": f"{meta.input_spec.height}x{meta.input_spec.width} {meta.input_spec.color_order}",
+        "deployed latency (batch 1)": f"{latency.p50_ms:.2f} ms p50, {latency.p99_ms:.2f} ms p99 "
+                                      f"({deployed.runner.description}, {deployed.runner.precision})"},
+        latency=latency.to_dict(), summary=deployed_summary(logits["torch"], logits[deployed.key], labels,
+                                                           deployed.runner.precision))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "parity.json", report.to_dict())
+    write_text(out / "parity.md", report.to_markdown())
     from .plots import parity_figure
 
-    parity_figure(report, {"export fidelity: torch vs ONNX": (logits["torch"], logits["onnxruntime"])},
-                  labels, logits["torch"].argmax(1), run / "parity.png")
+    figure_pairs = {p.pair: (logits[a], logits[b]) for p, (a, b) in zip(pairs, _pair_keys(sides, tgt))}
+    parity_figure(report, figure_pairs, labels, logits[deployed.key].argmax(1), out / "parity.png")
     return report
+
+
+def deployed_summary(reference: np.ndarray, deployed: np.ndarray, labels: np.ndarray, precision: str) -> dict:
+    """The headline numbers a person asks first: accuracy before/after and agreement with torch."""
+    fp32_acc = float((reference.argmax(1) == labels).mean())
+    acc = float((deployed.argmax(1) == labels).mean())
+    return {"precision": precision, "fp32_accuracy": fp32_acc, "accuracy": acc, "drop": (fp32_acc - acc) * 100,
+            "agreement": float((reference.argmax(1) == deployed.argmax(1)).mean())}
+
+
+def _pair_keys(sides: dict[str, _Side], tgt: Target | None) -> list[tuple[str, str]]:
+    keys = [("torch", "onnx")]
+    if tgt is not None:
+        lowered = "qdq" if "qdq" in sides else "compiled"
+        if tgt.precision != "fp32":
+            keys.append(("torch", lowered))
+        keys.append(("qdq" if "qdq" in sides else "onnx", "compiled"))
+    return keys
+
+
+def _pairs(sides: dict[str, _Side], logits: dict[str, np.ndarray], labels: np.ndarray,
+           tgt: Target | None) -> list[PairReport]:
+    names = {("torch", "onnx"): "export fidelity: torch fp32 vs ONNX fp32",
+             ("torch", "qdq"): "quantization effect: torch fp32 vs INT8 QDQ (ONNX Runtime)",
+             ("torch", "compiled"): f"precision effect: torch fp32 vs compiled {tgt.precision if tgt else ''}",
+             ("qdq", "compiled"): "compiler fidelity: INT8 QDQ (ONNX Runtime) vs compiled",
+             ("onnx", "compiled"): "compiler fidelity: ONNX fp32 (ONNX Runtime) vs compiled"}
+    out = []
+    for a, b in _pair_keys(sides, tgt):
+        if tgt is None:
+            gates = FP32_GATES
+        elif a == "torch" and b == "onnx":
+            gates = tgt.gates.export.gates()
+        elif a == "torch":
+            gates = tgt.gates.quantization.gates()
+        else:
+            gates = tgt.gates.compiler.gates()
+        out.append(compare(names[(a, b)], sides[a].side(), sides[b].side(), logits[a], logits[b], labels, gates))
+    return out
+
+
+def _batch_tolerance(tgt: Target | None) -> float:
+    """Batch size may change kernels (and INT8 rounding) slightly; fp32 ONNX must be near-identical."""
+    if tgt is None or tgt.precision == "fp32":
+        return 1e-4
+    return 5e-2

@@ -293,7 +293,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig = TrainConfig()
     if resume:
         if not config_file.exists():
             raise UsageError("cannot resume: no train_config.json here", path=run)
-        saved, wanted = json.loads(config_file.read_text()), _config_record(data, config)
+        saved, wanted = json.loads(config_file.read_text()), config_record(data, config)
         if saved != wanted:
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise UsageError(f"--resume with different settings than the interrupted run: {', '.join(diff)}",
@@ -305,7 +305,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig = TrainConfig()
     bb = create(config.backbone, len(splits.classes), weights=config.weights, img_size=config.img_size)
     run.mkdir(parents=True, exist_ok=True)
     if not resume:
-        write_json(config_file, _config_record(data, config))
+        write_json(config_file, config_record(data, config))
     write_json(run / "split.json", splits.record)
     meta = RunMeta(classes=splits.classes, input_spec=bb.input_spec, backbone=config.backbone, weights=bb.weights,
                    mode=config.mode, data={"root": str(Path(data).resolve()), "hash": dataset_hash(splits),
@@ -324,5 +324,5 @@ def train(data: str | Path, out: str | Path, config: TrainConfig = TrainConfig()
     return TrainResult(run=run, meta=best_meta, history=history)
 
 
-def _config_record(data: str | Path, config: TrainConfig) -> dict[str, Any]:
+def config_record(data: str | Path, config: TrainConfig) -> dict[str, Any]:
     return {"data": str(Path(data).resolve()), **asdict(config)}

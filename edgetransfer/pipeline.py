@@ -1,0 +1,90 @@
+"""Recipes: train → export → quantize → compile → validate for one or several targets, from one YAML.
+
+The runner only chains the stage functions; each stage's outputs are on disk, a finished training
+run with the same settings is reused and an interrupted one resumed, so re-running a recipe after a
+failure redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapt.train import TrainConfig, TrainResult, config_record, train
+from .errors import DependencyError
+from .export import ONNX_FILE, export_onnx
+from .fsutil import write_json
+from .schema import from_dict, read_yaml
+from .spec import RunMeta
+from .stages import as_target, compile_run, quantize_run
+from .validate import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    data: str
+    out: str
+    targets: tuple[str, ...] = ()
+    train: TrainConfig = TrainConfig()
+    calibration: str | None = None           # overrides each target's calibration preset
+    validate_data: str | None = None         # held-out folder; default: the run's test split
+
+
+def train_or_reuse(data: str | Path, run: Path, config: TrainConfig) -> TrainResult:
+    """Reuse a finished run with identical settings, resume an interrupted one, else train."""
+    config_file = run / "train_config.json"
+    same = config_file.exists() and json.loads(config_file.read_text()) == config_record(data, config)
+    if same and (run / "meta.json").exists():
+        meta = RunMeta.load(run / "meta.json")
+        if "test_accuracy" in meta.metrics:
+            log.info("reusing %s (finished with the same settings)", run)
+            history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+            return TrainResult(run=run, meta=meta, history=history)
+    return train(data, run, config, resume=same and (run / "checkpoints" / "last.json").exists())
+
+
+def deploy_target(run: Path, target: str, *, calib: str | None = None, data: str | Path | None = None) -> dict[str, Any]:
+    """Quantize (INT8 targets), compile and validate one target; return its summary row.
+
+    A target whose runtime or device is absent here (TensorRT, an Intel GPU/NPU) is reported as
+    skipped with the reason instead of failing the whole recipe.
+    """
+    tgt = as_target(target)
+    row: dict[str, Any] = {"target": tgt.name}
+    try:
+        if tgt.quantized:
+            q = quantize_run(run, tgt, calib=calib)
+            row["quantizer"] = q.report.quantizer
+            row["fp32_layers"] = q.report.excluded_layers
+        compile_run(run, tgt)
+        report = validate(run, data, target=tgt)
+    except DependencyError as exc:
+        log.warning("%s skipped: %s", tgt.name, exc)
+        return {**row, "skipped": str(exc), "passed": None}
+    return {**row, **report.summary, "latency_ms": report.latency["p50_ms"], "passed": report.passed,
+            "report": str(run / tgt.name / "parity.md")}
+
+
+def run_recipe(path: str | Path) -> dict[str, Any]:
+    """Run every stage of the recipe at `path`; the summary is also written to OUT/recipe-summary.json."""
+    recipe = from_dict(Recipe, read_yaml(path), source=path)
+    base = Path(path).parent
+    data = (base / recipe.data).resolve() if not Path(recipe.data).is_absolute() else Path(recipe.data)
+    out = (base / recipe.out) if not Path(recipe.out).is_absolute() else Path(recipe.out)
+    result = train_or_reuse(data, out, recipe.train)
+    onnx_path = out / ONNX_FILE
+    if not onnx_path.exists() or onnx_path.stat().st_mtime < (out / "model.safetensors").stat().st_mtime:
+        export_onnx(result.run)
+    fp32 = validate(result.run, recipe.validate_data)
+    rows = [deploy_target(result.run, t, calib=recipe.calibration, data=recipe.validate_data) for t in recipe.targets]
+    ran = [r for r in rows if r["passed"] is not None]
+    summary = {"run": str(out), "fp32_export_passed": fp32.passed, "targets": ran,
+               "skipped": [r for r in rows if r["passed"] is None],
+               "passed": fp32.passed and all(r["passed"] for r in ran)}
+    write_json(out / "recipe-summary.json", summary)
+    return summary

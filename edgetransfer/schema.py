@@ -1,0 +1,140 @@
+"""Untrusted YAML → typed, frozen dataclasses, with every problem reported at once.
+
+Target profiles, calibration presets and recipes come from files people edit by hand. A typo must
+not be silently ignored and must not surface as a TypeError three stages later, so loading checks
+unknown keys (with a did-you-mean), types, allowed values and ranges, and raises one UsageError
+that lists them all with their dotted field names. YAML is parsed with `safe_load`, within a size
+bound, and anchors/aliases are refused (they buy nothing in a profile and enable alias bombs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import EdgeTransferError, UsageError
+
+MAX_YAML_BYTES = 256 * 1024
+T = TypeVar("T")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """`yaml.safe_load` a mapping from `path`, refusing huge files, aliases and non-mapping documents."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as exc:
+        raise UsageError("file not found", path=path) from exc
+    if size > MAX_YAML_BYTES:
+        raise UsageError(f"file is {size} bytes; configuration files are limited to {MAX_YAML_BYTES}", path=path)
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise UsageError("YAML anchors/aliases are not allowed in configuration files", path=path)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"not valid YAML: {exc}", path=path) from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"expected a mapping at the top level, got {type(data).__name__}", path=path)
+    return data
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], where, errors)
+        raise TypeError("only Optional unions are supported")
+    if origin is Literal:
+        if value not in get_args(tp):
+            hint = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            errors.append(f"{where}: {value!r} is not one of {_describe(tp)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {type(value).__name__}")
+            return ()
+        (item_tp, *_rest) = get_args(tp) or (Any,)
+        return tuple(_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, errors)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return 0.0
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        errors.append(f"{where}: expected an integer, got {value!r}")
+        return 0
+    if tp in (str, bool) and not isinstance(value, tp):
+        errors.append(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: Any, where: str, errors: list[str]) -> T:
+    if not isinstance(data, dict):
+        errors.append(f"{where or 'document'}: expected a mapping, got {type(data).__name__}")
+        return None  # type: ignore[return-value]
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            errors.append(f"{where + '.' if where else ''}{key}: unknown key"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else f"; known: {', '.join(fields)}"))
+    before = len(errors)
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], path, errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{path}: required")
+    if len(errors) > before:
+        return None  # type: ignore[return-value]
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError, EdgeTransferError) as exc:
+        errors.append(f"{where or 'document'}: {exc}")
+        return None  # type: ignore[return-value]
+    for problem in getattr(obj, "problems", lambda: [])():
+        errors.append(f"{where + '.' if where else ''}{problem}")
+    return obj
+
+
+def from_dict(cls: type[T], data: Any, *, source: str | Path | None = None) -> T:
+    """Build `cls` from `data`; one UsageError listing every problem, each with its dotted field."""
+    errors: list[str] = []
+    obj = _build(cls, data, "", errors)
+    if errors:
+        raise UsageError("invalid configuration:\n  - " + "\n  - ".join(errors), path=source)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass back to plain YAML/JSON-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+__all__ = ["from_dict", "read_yaml", "to_dict"]

@@ -1,0 +1,145 @@
+"""The per-target stages on a run folder: quantize (calibrate → QDQ ONNX) and compile (→ device artifact).
+
+Everything a stage needs is on disk in the run folder (meta, exported ONNX, the target profile it
+copies next to its artifacts), so each stage can be run alone, re-run or resumed. Outputs for a
+target live in `RUN/<target>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data.calibration import select_calibration
+from .data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
+from .errors import UsageError
+from .export import ONNX_FILE
+from .fsutil import sha256_file, write_json, write_text
+from .preprocess import load_image, preprocess
+from .progress import progress_bar
+from .schema import to_dict
+from .spec import InputSpec, RunMeta
+from .targets import Target, load_calibration, load_target
+
+log = logging.getLogger(__name__)
+
+INT8_FILE = "model.int8.onnx"
+COMPILED_FILE = "compiled.json"
+
+
+def as_target(target: str | Path | Target) -> Target:
+    return target if isinstance(target, Target) else load_target(target)
+
+
+def target_dir(run: Path, target: Target) -> Path:
+    return Path(run) / target.name
+
+
+def run_splits(meta: RunMeta) -> DatasetSplits:
+    """The run's dataset, split exactly as during training (same root, seed and fractions)."""
+    root = meta.data.get("root")
+    if not root or not Path(root).exists():
+        raise UsageError(f"the run's dataset is not at its recorded location {root!r}; pass --data DIR",
+                         field="data.root")
+    splits = scan_dataset(root, classes=meta.classes, seed=meta.data.get("seed", 0),
+                          val_fraction=meta.data.get("val_fraction", 0.15),
+                          test_fraction=meta.data.get("test_fraction", 0.15), verify=False)
+    if dataset_hash(splits) != meta.data.get("hash"):
+        log.warning("dataset at %s changed since training (hash differs)", root)
+    return splits
+
+
+def load_arrays(samples: list[Sample], spec: InputSpec, *, batch_size: int = 32,
+                description: str = "preprocessing") -> list[np.ndarray]:
+    """Samples → preprocessed NCHW float32 batches, via the deployment preprocessing."""
+    batches = []
+    for i in progress_bar(range(0, len(samples), batch_size), description,
+                          total=-(-len(samples) // batch_size)):
+        batches.append(np.stack([preprocess(load_image(s.path), spec) for s in samples[i:i + batch_size]]))
+    return batches
+
+
+@dataclass
+class QuantizeResult:
+    model: Path
+    report: Any  # quantize.QuantizationReport
+    calibration: dict[str, Any]
+
+
+def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | Path | None = None) -> QuantizeResult:
+    """Calibrate on train/val images (never test) and write `RUN/<target>/model.int8.onnx`.
+
+    Also writes `calibration.json` (every image used, with its sha256) and `quantization.json` (the
+    quantizers tried, accuracy before/after, and each layer the accuracy budget kept in fp32).
+    """
+    from .quantize import quantize_model
+
+    run, tgt = Path(run), as_target(target)
+    if tgt.quantization is None:
+        raise UsageError(f"target {tgt.name} is {tgt.precision}; it has no quantization step", field="precision")
+    meta = RunMeta.load(run / "meta.json")
+    fp32 = run / ONNX_FILE
+    if not fp32.exists():
+        raise UsageError("no exported model; run `edgetransfer export` first", path=fp32)
+    preset = load_calibration(calib or tgt.quantization.calibration)
+    splits = run_splits(meta)
+    chosen = select_calibration(splits, preset)
+    if not chosen.samples:
+        raise UsageError("no calibration images in the train/val splits", path=splits.root)
+    out = target_dir(run, tgt)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "target.yaml", _yaml(to_dict(tgt)))
+    write_json(out / "calibration.json", chosen.record)
+    calibration = load_arrays(chosen.samples, meta.input_spec, description="calibration images")
+    val = load_arrays(splits.val, meta.input_spec, description="validation images")
+    labels = np.array([s.label for s in splits.val])
+    report = quantize_model(fp32, out / INT8_FILE, scheme=tgt.quantization, preset=preset,
+                            calibration=calibration, validation=(np.concatenate(val), labels))
+    write_json(out / "quantization.json", report.to_dict())
+    return QuantizeResult(model=out / INT8_FILE, report=report, calibration=chosen.record)
+
+
+def compiled_input(run: Path, target: Target) -> Path:
+    """The ONNX a target compiles from: the QDQ model for INT8 targets, else the fp32 export."""
+    src = target_dir(run, target) / INT8_FILE if target.quantized else Path(run) / ONNX_FILE
+    if not src.exists():
+        step = f"edgetransfer quantize {run} --target {target.name}" if target.quantized else f"edgetransfer export {run}"
+        raise UsageError(f"missing; run `{step}` first", path=src)
+    return src
+
+
+def compile_run(run: str | Path, target: str | Path | Target) -> Path:
+    """Build the target's artifact in `RUN/<target>/` with the target's backend; return its path."""
+    from .backends import get_backend
+
+    run, tgt = Path(run), as_target(target)
+    src = compiled_input(run, tgt)
+    backend = get_backend(tgt.backend)
+    out = target_dir(run, tgt)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "target.yaml", _yaml(to_dict(tgt)))
+    artifact = backend.compile(src, tgt, out)
+    write_json(out / COMPILED_FILE, {"artifact": artifact.name, "backend": tgt.backend, "device": tgt.device,
+                                     "precision": tgt.precision, "source": src.name, "source_sha256": sha256_file(src)})
+    log.info("compiled %s for %s → %s", src.name, tgt.name, artifact)
+    return artifact
+
+
+def compiled_artifact(run: Path, target: Target) -> Path:
+    """The artifact `compile_run` recorded for this target."""
+    record = target_dir(run, target) / COMPILED_FILE
+    if not record.exists():
+        raise UsageError(f"not compiled yet; run `edgetransfer compile {run} --target {target.name}`", path=record)
+    return target_dir(run, target) / json.loads(record.read_text())["artifact"]
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+

@@ -1,0 +1,209 @@
+"""Target profiles and calibration presets: small frozen dataclasses loaded strictly from YAML.
+
+A profile names everything that differs between devices — backend, device, precision, batch range,
+quantization scheme, parity gates — so that the stages stay device-agnostic. Profiles ship inside
+the package (`edgetransfer/profiles/targets/*.yaml`, so they reach an installed wheel); a path to a
+user's own YAML file works wherever a name does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from .errors import UsageError
+from .parity import Gates
+from .schema import from_dict, read_yaml
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    min: int = 1
+    opt: int = 1
+    max: int = 8
+
+    def problems(self) -> list[str]:
+        if not 1 <= self.min <= self.opt <= self.max:
+            return [f"min/opt/max: need 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}"]
+        return []
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How INT8 is produced: who quantizes, with which scheme, calibrated how, within which budget."""
+
+    quantizer: Literal["auto", "onnxruntime", "nncf"] = "auto"
+    activations: Literal["symmetric", "asymmetric"] = "asymmetric"
+    weights: Literal["per_channel", "per_tensor"] = "per_channel"
+    calibration: str = "default"            # a preset name (calibration/*.yaml) or a path
+    max_drop: float = 0.5                   # accuracy budget in points on the validation split
+    fallback: bool = True                   # keep the most sensitive layers in fp32 until within budget
+    max_fallback_layers: int = 8
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_drop < 0:
+            out.append("max_drop: must be >= 0")
+        if self.max_fallback_layers < 0:
+            out.append("max_fallback_layers: must be >= 0")
+        return out
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Parity gates for one pair; null disables a gate."""
+
+    min_agreement: float | None = None
+    max_abs_diff: float | None = None
+    max_accuracy_drop: float | None = None
+    min_cosine: float | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("min_agreement", "min_cosine"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                out.append(f"{name}: must be within [0, 1], got {v}")
+        for name in ("max_abs_diff", "max_accuracy_drop"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                out.append(f"{name}: must be >= 0, got {v}")
+        return out
+
+    def gates(self) -> Gates:
+        return Gates(min_agreement=self.min_agreement, max_abs_diff=self.max_abs_diff,
+                     max_accuracy_drop=self.max_accuracy_drop, min_cosine=self.min_cosine)
+
+
+@dataclass(frozen=True)
+class ParityGates:
+    """The pairs of DESIGN.md: fp32 export fidelity, quantization effect, compiler fidelity."""
+
+    export: GateSpec = GateSpec(min_agreement=1.0, max_abs_diff=1e-4)
+    quantization: GateSpec = GateSpec(min_agreement=0.99, max_accuracy_drop=0.5)
+    compiler: GateSpec = GateSpec(min_agreement=0.995)
+
+
+@dataclass(frozen=True)
+class TensorRTSpec:
+    """What a TensorRT target's device runs: the engine is specific to these."""
+
+    jetpack: str
+    tensorrt: str
+    compute_capability: str
+    gpu: str
+    dla_cores: int = 0
+    use_dla: bool = False
+    workspace_mb: int = 1024
+    fp16_fallback: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.use_dla and self.dla_cores < 1:
+            out.append("use_dla: the device has no DLA cores")
+        if self.workspace_mb < 16:
+            out.append("workspace_mb: must be >= 16")
+        return out
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    backend: Literal["onnxruntime", "openvino", "tensorrt"]
+    device: str
+    precision: Precision
+    batch: BatchRange = BatchRange()
+    quantization: Quantization | None = None
+    gates: ParityGates = ParityGates()
+    threads: int = 0                         # 0: the runtime's default
+    tensorrt: TensorRTSpec | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.precision == "int8" and self.quantization is None:
+            out.append("quantization: required when precision is int8")
+        if self.backend == "tensorrt" and self.tensorrt is None:
+            out.append("tensorrt: required for the tensorrt backend")
+        if self.backend != "tensorrt" and self.tensorrt is not None:
+            out.append("tensorrt: only for the tensorrt backend")
+        if self.threads < 0:
+            out.append("threads: must be >= 0")
+        return out
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision == "int8"
+
+
+@dataclass(frozen=True)
+class CalibrationPreset:
+    """Which images calibrate INT8 ranges, how many, and how ranges are computed from them."""
+
+    name: str
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = 300
+    splits: tuple[Literal["train", "val"], ...] = ("train", "val")
+    selection: Literal["stratified"] = "stratified"
+    percentile: float = 99.999
+    seed: int = 0
+    min_per_class: int = 10                  # fewer is a warning naming the class
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.samples < 1:
+            out.append("samples: must be >= 1")
+        if not 90.0 <= self.percentile <= 100.0:
+            out.append("percentile: must be within [90, 100]")
+        if not self.splits:
+            out.append("splits: at least one of train, val")
+        return out
+
+
+def _profile_dir(kind: str) -> resources.abc.Traversable:
+    return resources.files("edgetransfer") / "profiles" / kind
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in _profile_dir(kind).iterdir() if p.name.endswith(".yaml"))
+
+
+def _resolve(kind: str, name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        return candidate
+    names = _names(kind)
+    if str(name_or_path) not in names:
+        import difflib
+
+        hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+        raise UsageError(f"unknown {kind[:-1]} {str(name_or_path)!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; available: {', '.join(names)}", field=kind[:-1])
+    with resources.as_file(_profile_dir(kind) / f"{name_or_path}.yaml") as path:
+        return Path(path)
+
+
+def list_targets() -> list[str]:
+    return _names("targets")
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    path = _resolve("targets", name_or_path)
+    return from_dict(Target, read_yaml(path), source=path)
+
+
+def list_calibration_presets() -> list[str]:
+    return _names("calibration")
+
+
+def load_calibration(name_or_path: str | Path) -> CalibrationPreset:
+    path = _resolve("calibration", name_or_path)
+    return from_dict(CalibrationPreset, read_yaml(path), source=path)
+
+
+__all__ = ["BatchRange", "CalibrationPreset", "GateSpec", "ParityGates", "Quantization", "Target", "TensorRTSpec",
+           "list_calibration_presets", "list_targets", "load_calibration", "load_target"]
