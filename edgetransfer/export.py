@@ -11,10 +11,11 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 from .fsutil import atomic_path
-from .spec import RunMeta
+from .spec import InputSpec, RunMeta
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,17 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
 
 
-def export_onnx(run: str | Path, *, out: str | Path | None = None, opset: int = OPSET) -> Path:
-    """Export a run's best checkpoint to `RUN/model.onnx` (or `out`), atomically.
+def export_module(model: Any, spec: InputSpec, target: str | Path, *, opset: int = OPSET,
+                  metadata: dict[str, str] | None = None, doc: str = "") -> Path:
+    """Export an eval-mode torch module taking (N, 3, H, W) to a single ONNX file, atomically.
 
-    Uses torch's current exporter (torch.export based). The graph keeps the batch dimension dynamic;
-    weights are stored inside the file (no external data) so the artifact is one self-contained file.
+    Uses torch's current exporter (torch.export based). The batch dimension stays dynamic; weights
+    are stored inside the file (no external data) so the artifact is one self-contained file.
     """
     import onnx
     import torch
 
-    from .adapt.checkpoint import load_model
-
-    run = Path(run)
-    model, meta = load_model(run)
-    target = Path(out) if out is not None else run / ONNX_FILE
-    spec = meta.input_spec
+    target = Path(target)
     example = torch.randn(2, 3, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with atomic_path(target) as tmp:
@@ -69,15 +66,27 @@ def export_onnx(run: str | Path, *, out: str | Path | None = None, opset: int = 
                                             opset_version=opset, dynamo=True, external_data=False,
                                             dynamic_shapes=({0: batch},), verbose=False)
             except Exception as exc:
-                raise UsageError(f"ONNX export of {meta.backbone} failed: {exc}", path=run) from exc
+                raise UsageError(f"ONNX export of {type(model).__name__} failed: {exc}", path=target) from exc
         log.debug("exporter output:\n%s", chatter.getvalue())
         proto = program.model_proto
         del proto.metadata_props[:]
-        for key, value in onnx_metadata(meta).items():
+        for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        proto.doc_string = f"edgetransfer {meta.backbone} ({meta.mode}) — classes: {', '.join(meta.classes)}"
+        proto.doc_string = doc
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(tmp))
+    return target
+
+
+def export_onnx(run: str | Path, *, out: str | Path | None = None, opset: int = OPSET) -> Path:
+    """Export a run's best checkpoint to `RUN/model.onnx` (or `out`) with its class list and input spec."""
+    from .adapt.checkpoint import load_model
+
+    run = Path(run)
+    model, meta = load_model(run)
+    target = export_module(model, meta.input_spec, Path(out) if out is not None else run / ONNX_FILE, opset=opset,
+                           metadata=onnx_metadata(meta),
+                           doc=f"edgetransfer {meta.backbone} ({meta.mode}) — classes: {', '.join(meta.classes)}")
     log.info("exported %s (opset %d) to %s", meta.backbone, opset, target)
     return target

@@ -10,6 +10,7 @@ from .base import Backend, Runner
 _REGISTRY: dict[str, str] = {
     "torch": "edgetransfer.backends.torch:TorchBackend",
     "onnxruntime": "edgetransfer.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "edgetransfer.backends.openvino:OpenVinoBackend",
 }
 
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import IntegrityError, UsageError
+from ..fsutil import atomic_path, sha256_file, write_json
 from .base import Backend, Runner
+
+MODEL_FILE = "model.onnx"
+SESSION_JSON = "session.json"
+PROVIDERS = ["CPUExecutionProvider"]
 
 
 def onnx_precision(path: Path) -> str:
@@ -65,5 +72,48 @@ class OnnxRuntimeBackend(Backend):
             return f"onnxruntime is not installed ({self.install_hint})"
         return None
 
+    def compile(self, onnx: Path, target: Any, out: Path) -> Path:
+        """Copy the ONNX file to `out/model.onnx` (atomically, after ORT has loaded it) + `out/session.json`.
+
+        The session is built at load time from the portable ONNX file: a model saved through
+        `optimized_model_filepath` at ORT_ENABLE_ALL holds hardware-specific (NCHWc) kernels and is
+        only valid on the machine that made it, which is not the device when cross-compiling.
+        """
+        import onnxruntime as ort
+
+        onnx, out = Path(onnx), Path(out)
+        if not onnx.is_file():
+            raise UsageError("ONNX model not found; run `edgetransfer export` first", path=onnx)
+        threads = int(getattr(target, "threads", 0) or 0)
+        final = out / MODEL_FILE
+        with atomic_path(final) as tmp:
+            shutil.copyfile(onnx, tmp)
+            try:  # refuse what ORT cannot load before it takes the final name
+                OnnxRuntimeRunner(tmp, threads=threads).activate()
+            except IntegrityError as exc:
+                why = str(exc.__cause__).replace(str(tmp), onnx.name)
+                raise IntegrityError(f"ONNX Runtime cannot load the model ({why})", path=onnx) from exc
+        write_json(out / SESSION_JSON, {
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "model": MODEL_FILE,
+            "device": getattr(target, "device", "cpu"),
+            "precision": getattr(target, "precision", None),
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "intra_op_num_threads": threads,
+            "execution_providers": PROVIDERS,
+            "source": {"onnx": onnx.name, "sha256": sha256_file(final)},
+        })
+        return final
+
     def load(self, artifact: Path, target: Any = None) -> Runner:
-        return OnnxRuntimeRunner(Path(artifact))
+        path = Path(artifact)
+        if path.is_dir():
+            path = path / MODEL_FILE
+        threads = getattr(target, "threads", None)
+        if threads is None:  # no target: the options `compile` recorded, if any
+            try:
+                threads = json.loads((path.parent / SESSION_JSON).read_text(encoding="utf-8"))["intra_op_num_threads"]
+            except (OSError, ValueError, KeyError, TypeError):
+                threads = 0
+        return OnnxRuntimeRunner(path, threads=int(threads or 0), providers=list(PROVIDERS))
