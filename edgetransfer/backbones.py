@@ -268,6 +268,8 @@ def create(name: str, num_classes: int, *, weights: str = "none", img_size: int 
 
 
 def _looks_like_path(weights: str) -> bool:
+    if weights in ("none", "", "default"):  # keywords, even where a folder of that name exists in the cwd
+        return False
     return "/" in weights or "\\" in weights or weights.endswith((".pth", ".pt", ".safetensors")) or Path(weights).exists()
 
 

@@ -31,12 +31,27 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (click's test runner swaps it per invocation)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("edgetransfer")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False  # third-party libraries configure the root logger; don't print twice
+    # torch's extension loader warns about CUDA_HOME on CPU machines whenever NNCF imports it
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoConfig:
     backbone: str = "resnet18"
-    img_size: int = 64
-    generated_size: int = 80
-    source_per_class: int = 90       # source task: plenty of labels
-    source_epochs: int = 6
-    target_per_class: int = 12       # target task: few labels
-    target_val_per_class: int = 6
+    img_size: int = 48
+    generated_size: int = 64
+    source_per_class: int = 80       # source task: plenty of labels (7 classes)
+    source_epochs: int = 8
+    target_per_class: int = 30       # target task: few labels (5 classes)
+    target_val_per_class: int = 10
     target_test_per_class: int = 40
-    target_epochs: int = 15
+    target_epochs: int = 10
     targets: tuple[str, ...] = ("intel-cpu", "x86-onnxruntime")
     calibration: str = "default"
     seed: int = 0
@@ -63,17 +63,17 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     source_data, target_data = out / "data" / "source", out / "data" / "target"
     generate_dataset(source_data, SyntheticConfig(
         task="marks", size=cfg.generated_size, seed=cfg.seed + 1,
-        counts={"train": cfg.source_per_class, "val": max(2, cfg.source_per_class // 6)}), progress=True)
+        counts={"train": cfg.source_per_class, "val": max(2, cfg.source_per_class // 7)}), progress=True)
     generate_dataset(target_data, SyntheticConfig(
         task="defects", size=cfg.generated_size, seed=cfg.seed + 2,
         counts={"train": cfg.target_per_class, "val": cfg.target_val_per_class, "test": cfg.target_test_per_class}),
         progress=True)
 
-    base = TrainConfig(backbone=cfg.backbone, weights="none", mode="finetune", img_size=cfg.img_size,
-                       batch_size=32, seed=cfg.seed, patience=cfg.target_epochs)
+    base = TrainConfig(backbone=cfg.backbone, weights="none", mode="finetune", img_size=cfg.img_size, lr=2e-3,
+                       batch_size=16, seed=cfg.seed, patience=max(cfg.source_epochs, cfg.target_epochs))
     log.info("[1/5] pretraining %s on the source task (%s)", cfg.backbone, source_data)
     source = train_or_reuse(source_data, out / "source", replace(base, epochs=cfg.source_epochs))
-    target = replace(base, epochs=cfg.target_epochs, batch_size=16)
+    target = replace(base, epochs=cfg.target_epochs)
     log.info("[2/5] adapting to the defect task: features mode (frozen backbone)")
     features = train_or_reuse(target_data, out / "transfer-features",
                                replace(target, weights=str(source.run), mode="features", lr=1e-2))

@@ -55,6 +55,11 @@ class PairReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["passed"] = self.passed
+        # a non-finite candidate makes the diffs NaN/inf, which strict JSON cannot hold: write null
+        # (the failure list says why) so that the report of exactly this failure can still be written
+        for key in ("max_abs_diff", "mean_abs_diff", "min_cosine"):
+            if not np.isfinite(d[key]):
+                d[key] = None
         return d
 
 

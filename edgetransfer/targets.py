@@ -39,6 +39,9 @@ class Quantization:
     quantizer: Literal["auto", "onnxruntime", "nncf"] = "auto"
     activations: Literal["symmetric", "asymmetric"] = "asymmetric"
     weights: Literal["per_channel", "per_tensor"] = "per_channel"
+    # 7-bit weights: x86 CPUs without VNNI multiply u8 x s8 pairs with a saturating 16-bit add, so
+    # full-range INT8 weights overflow there and the runtime drifts from the QDQ model it was given
+    reduce_range: bool = False
     calibration: str = "default"            # a preset name (calibration/*.yaml) or a path
     max_drop: float = 0.5                   # accuracy budget in points on the validation split
     fallback: bool = True                   # keep the most sensitive layers in fp32 until within budget

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from ..errors import UsageError
 from ..fsutil import atomic_open, write_json
 
-GENERATOR_VERSION = 1  # bump whenever the pixels change, so that cached datasets are regenerated
+GENERATOR_VERSION = 2  # bump whenever the pixels change, so that cached datasets are regenerated
 DEFECT_CLASSES: tuple[str, ...] = ("ok", "scratch", "hole", "stain", "crack")
 MARK_CLASSES: tuple[str, ...] = ("none", "line", "arc", "disc", "ring", "dots", "grid")
 TARGET_FAMILIES: tuple[str, ...] = ("brushed_metal", "painted_plastic", "carbon_fiber", "wood", "concrete", "leather")
@@ -418,7 +418,7 @@ _DEFECTS = {"scratch": _scratch, "hole": _hole, "stain": _stain, "crack": _crack
 def _mark(label: str, img: np.ndarray, rng: Rng, light: Light) -> np.ndarray:
     """Generic flat ink or paint marks: the source pretext task (shapes, not defects)."""
     s = img.shape[-1]
-    c, th, w = _centre(rng, s, 0.3), rng.uniform(0, math.pi), rng.uniform(1.5, 4.0) * s / 96
+    c, th, w = _centre(rng, s, 0.3), rng.uniform(0, math.pi), rng.uniform(3.0, 5.5) * s / 96
 
     def outline(rx: float, ry: float, k: float) -> list[tuple[float, float]]:
         a = np.linspace(0, 2 * math.pi, 48, endpoint=False)
@@ -432,33 +432,34 @@ def _mark(label: str, img: np.ndarray, rng: Rng, light: Light) -> np.ndarray:
 
     def draw(d: ImageDraw.ImageDraw, k: float) -> None:
         if label == "line":
-            line(d, k, c[0], c[1], th, rng.uniform(0.3, 0.7) * s, w)
+            line(d, k, c[0], c[1], th, rng.uniform(0.45, 0.8) * s, w)
         elif label == "arc":
-            r, start = rng.uniform(0.12, 0.28) * s, rng.uniform(0, 360)
+            r, start = rng.uniform(0.16, 0.3) * s, rng.uniform(0, 360)
             d.arc([(c[0] - r) * k, (c[1] - r) * k, (c[0] + r) * k, (c[1] + r) * k], start,
                   start + rng.uniform(70, 250), fill=255, width=max(1, round(w * k)))
         elif label in ("disc", "ring"):
-            r, e = rng.uniform(0.06, 0.16 if label == "disc" else 0.25) * s, rng.uniform(0.6, 1.0)
+            r, e = rng.uniform(0.1, 0.2 if label == "disc" else 0.28) * s, rng.uniform(0.6, 1.0)
             d.polygon(outline(r, r * e, k), fill=255)
             if label == "ring":
                 d.polygon(outline(r - w, max(0.5, r * e - w), k), fill=0)
         elif label == "dots":
-            r, n, spread = rng.uniform(1.6, 3.2) * s / 96, int(rng.integers(3, 9)), rng.uniform(0.1, 0.22) * s
+            r, n, spread = rng.uniform(3.0, 5.0) * s / 96, int(rng.integers(4, 9)), rng.uniform(0.14, 0.26) * s
             for _ in range(n):
                 x, y = c + rng.uniform(-spread, spread, 2)
                 d.ellipse([(x - r) * k, (y - r) * k, (x + r) * k, (y + r) * k], fill=255)
         elif label == "grid":
-            n, gap = int(rng.integers(3, 5)), rng.uniform(0.07, 0.13) * s
+            n, gap = int(rng.integers(3, 5)), rng.uniform(0.1, 0.16) * s
             for i in range(n):
                 o = (i - (n - 1) / 2) * gap
                 for ang in (th, th + math.pi / 2):
                     line(d, k, c[0] - o * math.sin(ang), c[1] + o * math.cos(ang), ang, gap * (n - 1), w * 0.6)
 
     m = _stroke_mask(s, draw)
-    val = rng.uniform(0.05, 0.3) if rng.random() < 0.5 else rng.uniform(0.6, 1.0)
+    # ink contrasts with the surface: the source task is about shapes, and must be learnable fast
+    val = rng.uniform(0.02, 0.2) if float(img.mean()) > 0.45 else rng.uniform(0.75, 1.0)
     ink = _col(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(), val))
-    wear = np.clip(1 - rng.uniform(0, 0.5) * np.clip(_fbm(rng, s, 10), 0, None), 0, 1)  # worn paint
-    a = _F32(rng.uniform(0.65, 1.0)) * m * wear
+    wear = np.clip(1 - rng.uniform(0, 0.25) * np.clip(_fbm(rng, s, 10), 0, None), 0, 1)  # worn paint
+    a = _F32(rng.uniform(0.85, 1.0)) * m * wear
     return img * (1 - a) + ink * a
 
 

@@ -1,0 +1,75 @@
+"""Shared, expensive fixtures for the spine tests: one tiny generated dataset and one trained +
+exported run, made once per session so every test file reuses them.
+
+Everything runs for real (torch, ONNX export, ONNX Runtime) on tiny data: 5 classes of 40x40
+synthetic surfaces, 4 train / 2 val / 2 test images per class, resnet18 at 32 px, 2 epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# no progress bars in test output (also inherited by CLI subprocesses started from the tests)
+os.environ["EDGETRANSFER_PROGRESS"] = "0"
+
+#: The configuration of the shared run. The CLI's defaults (lr, mode, seed, patience, ...) are the
+#: TrainConfig defaults, so `cli_train_args()` below trains exactly this run from the command line.
+RUN_CONFIG = dict(backbone="resnet18", weights="none", mode="finetune", epochs=2, img_size=32, batch_size=8)
+DATA_COUNTS = {"train": 4, "val": 2, "test": 2}
+DATA_SIZE = 40
+
+
+def cli_train_args(data: Path, out: Path, **overrides) -> list[str]:
+    """`edgetransfer train` arguments equivalent to TrainConfig(**RUN_CONFIG, **overrides)."""
+    cfg = {**RUN_CONFIG, **overrides}
+    args = ["train", str(data), "--out", str(out)]
+    for key, value in cfg.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("EDGETRANSFER_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A generated defects dataset in ImageFolder layout: DATA/{train,val,test}/<class>/*.png."""
+    from edgetransfer.data.synthetic import SyntheticConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("data") / "defects"
+    generate_dataset(root, SyntheticConfig(task="defects", counts=dict(DATA_COUNTS), size=DATA_SIZE, seed=0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """One finished training run (a TrainResult). Tests must not modify its folder: copy it first."""
+    from edgetransfer.adapt.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "resnet18"
+    return train(tiny_data, out, TrainConfig(**RUN_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run) -> Path:
+    """The shared run with model.onnx exported next to its weights."""
+    from edgetransfer.export import export_onnx
+
+    export_onnx(trained_run.run)
+    return trained_run.run
+
+
+@pytest.fixture
+def run_copy(exported_run, tmp_path) -> Path:
+    """A private copy of the exported run (only what export/validate read), safe to modify."""
+    dst = tmp_path / "run"
+    dst.mkdir()
+    for name in ("meta.json", "model.safetensors", "model.onnx", "train_config.json", "split.json"):
+        shutil.copy2(exported_run / name, dst / name)
+    return dst

@@ -1,0 +1,361 @@
+"""INT8 quantization on real models with real tools (ONNX Runtime, NNCF): no mocks.
+
+One tiny CNN (Conv+BN+ReLU ×3, global average pool, Linear) is trained for a few steps on images
+whose class is a bright quadrant in one colour channel, and exported like the project exports
+(torch.onnx dynamo, opset 18, dynamic batch, metadata). Two quantization-hostile variants are made
+from it by editing weights so that the fp32 outputs do not change at all:
+
+* activation outlier: one output channel of conv2 is a constant 1e4 that conv3 ignores, so a
+  per-tensor activation scale for conv3's input rounds every informative channel to zero;
+* weight outlier: conv2 gets one huge weight on an input channel that is always zero, so a
+  per-tensor weight scale rounds all its other weights to zero.
+
+Both collapse INT8 accuracy to chance; the accuracy budget must find the one layer to keep in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from edgetransfer.errors import DependencyError, UsageError
+from edgetransfer.quantize import QUANTIZERS, OnnxRuntimeQuantizer, QuantizationReport, quantize_model
+from edgetransfer.targets import CalibrationPreset, Quantization
+
+CLASSES = ["top_left_r", "top_right_g", "bottom_left_b", "bottom_right_r"]
+SIZE = 16
+PRESET = CalibrationPreset(name="test", samples=64)
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images; class c brightens quadrant c of colour channel c % 3 — separable, not trivial."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(CLASSES), n)
+    x = rng.normal(0.0, 0.5, (n, 3, SIZE, SIZE)).astype(np.float32)
+    half = SIZE // 2
+    for i, c in enumerate(labels):
+        row, col = divmod(int(c), 2)
+        x[i, c % 3, row * half:(row + 1) * half, col * half:(col + 1) * half] += 1.5
+    return x, labels
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, object]:
+    x_train, y_train = synthetic(512, seed=0)
+    x_val, y_val = synthetic(256, seed=1)
+    return {"train": (x_train, y_train), "calibration": [x_train[:32], x_train[32:64]], "validation": (x_val, y_val)}
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory, data) -> Path:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class TinyCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.MaxPool2d(2), block(16, 16))
+            self.head = nn.Linear(16, len(CLASSES))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x).mean((2, 3)))
+
+    model = TinyCNN()
+    x, y = (torch.from_numpy(a) for a in data["train"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        idx = torch.from_numpy(rng.integers(0, len(x), 32))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    program = torch.onnx.export(model, (torch.randn(2, 3, SIZE, SIZE),), input_names=["input"], output_names=["logits"],
+                                opset_version=18, dynamo=True, external_data=False, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    proto = program.model_proto
+    for key, value in {"edgetransfer.classes": json.dumps(CLASSES),
+                       "edgetransfer.input_spec": json.dumps({"height": SIZE, "width": SIZE})}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    path = tmp_path_factory.mktemp("models") / "model.onnx"
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "Conv"]
+
+
+def edited(fp32_onnx: Path, name: str, edit) -> Path:
+    """A copy of the model whose conv weights `edit(weights, convs)` changes in place."""
+    model = onnx.load(str(fp32_onnx))
+    inits = {i.name: i for i in model.graph.initializer}
+    arrays = {name: numpy_helper.to_array(init).copy() for name, init in inits.items()}
+    edit(arrays, convs(model))
+    for key, array in arrays.items():
+        inits[key].CopyFrom(numpy_helper.from_array(array, key))
+    path = fp32_onnx.parent / name
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def activation_outlier(fp32_onnx) -> Path:
+    def edit(w, c):
+        conv2, conv3 = c[1], c[2]
+        w[conv2.input[1]][0] = 0.0
+        w[conv2.input[2]][0] = 1e4   # channel 0 of conv2 is a constant 1e4 ...
+        w[conv3.input[1]][:, 0] = 0.0  # ... that conv3 ignores: fp32 outputs are unchanged
+    return edited(fp32_onnx, "activation_outlier.onnx", edit)
+
+
+@pytest.fixture(scope="module")
+def weight_outlier(fp32_onnx) -> Path:
+    def edit(w, c):
+        conv1, conv2 = c[0], c[1]
+        w[conv1.input[1]][0] = 0.0
+        w[conv1.input[2]][0] = 0.0   # channel 0 of conv1 is always 0 after ReLU ...
+        w2 = w[conv2.input[1]]
+        w2[0, 0, 1, 1] = 1000 * np.abs(w2).max()  # ... so this huge weight of conv2 never contributes
+    return edited(fp32_onnx, "weight_outlier.onnx", edit)
+
+
+@pytest.fixture(scope="module")
+def two_culprits(fp32_onnx) -> Path:
+    """Both outliers at once: conv2's weights (per-tensor) and conv3's input activations."""
+    def edit(w, c):
+        conv1, conv2, conv3 = c
+        w[conv1.input[1]][0] = 0.0
+        w[conv1.input[2]][0] = 0.0
+        w2 = w[conv2.input[1]]
+        w2[0, 0, 1, 1] = 1000 * np.abs(w2).max()
+        w2[1] = 0.0
+        w[conv2.input[2]][1] = 1e4
+        w[conv3.input[1]][:, 1] = 0.0
+    return edited(fp32_onnx, "two_culprits.onnx", edit)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def logits(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def run(fp32: Path, out: Path, data, **scheme) -> QuantizationReport:
+    return quantize_model(fp32, out, scheme=Quantization(**scheme), preset=PRESET,
+                          calibration=data["calibration"], validation=data["validation"])
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def reads_dequantized(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    made_by = producers(model)
+    return any(i in made_by and made_by[i].op_type == "DequantizeLinear" for i in node.input)
+
+
+def weight_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Conv/Gemm name → the scale of the DequantizeLinear that feeds its weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    made_by = producers(model)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and node.input[1] in made_by:
+            dq = made_by[node.input[1]]
+            assert dq.op_type == "DequantizeLinear"
+            out[node.name] = numpy_helper.to_array(inits[dq.input[1]])
+    return out
+
+
+def check_fallback_report(r: QuantizationReport, layers: int) -> None:
+    """The rows tell one consistent story: each layer saves what it says, ending within the budget."""
+    assert r.within_budget and r.drop <= r.budget
+    assert [row["layer"] for row in r.fallback] == r.excluded_layers
+    previous = round((r.fp32_val_accuracy - r.candidates[0]["val_accuracy"]) * 100, 6)
+    for row in r.fallback:
+        assert row["drop_after"] <= previous
+        assert row["saved_points"] == pytest.approx(previous - row["drop_after"])
+        previous = row["drop_after"]
+    assert r.fallback[-1]["drop_after"] == pytest.approx(r.drop)
+    assert r.fallback[-1]["val_accuracy_after"] == r.int8_val_accuracy
+    assert r.quantized_layers == layers - len(r.excluded_layers)
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+# ---- plain quantization -------------------------------------------------------------------------
+
+def test_onnxruntime_asymmetric_per_channel_keeps_accuracy(fp32_onnx, data, tmp_path):
+    out = tmp_path / "int8" / "model.int8.onnx"
+    r = run(fp32_onnx, out, data, quantizer="onnxruntime", activations="asymmetric", weights="per_channel")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.int8.onnx"]  # one file, no temporaries
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # per-channel: one scale per output channel of every conv, and for the classifier's weights
+    scales = weight_scales(model)
+    assert len(scales) == 4
+    for node in convs(model):
+        assert scales[node.name].shape == (numpy_helper.to_array(
+            {i.name: i for i in model.graph.initializer}[producers(model)[node.input[1]].input[0]]).shape[0],)
+    assert {p.key: p.value for p in model.metadata_props} == \
+        {p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}
+
+    x, y = data["validation"]
+    fp32, int8 = logits(fp32_onnx, x), logits(out, x)
+    assert (fp32.argmax(1) == y).mean() >= 0.95  # the model learnt the task
+    assert r.fp32_val_accuracy == (fp32.argmax(1) == y).mean()
+    assert r.int8_val_accuracy == (int8.argmax(1) == y).mean()
+    assert r.drop <= 1.0 and r.within_budget and not r.fallback and r.excluded_layers == []
+    assert len(np.unique(int8.argmax(1))) == len(CLASSES) and int8.std(0).min() > 0.1  # not a constant model
+    assert np.corrcoef(fp32.ravel(), int8.ravel())[0, 1] > 0.99
+    assert r.quantizer == "onnxruntime" and r.quantized_layers == 4
+    assert r.candidates == [{"quantizer": "onnxruntime", "val_accuracy": r.int8_val_accuracy, "agreement": 1.0,
+                             "seconds": r.candidates[0]["seconds"]}]
+
+
+@pytest.mark.parametrize("quantizer", ["onnxruntime", "nncf"])
+def test_symmetric_scheme_is_signed_int8_with_zero_point_0(fp32_onnx, data, tmp_path, quantizer):
+    """TensorRT's rule: every Q/DQ is INT8 with zero point 0 (NNCF's UINT8 post-ReLU ones are converted)."""
+    out = tmp_path / "sym.onnx"
+    r = run(fp32_onnx, out, data, quantizer=quantizer, activations="symmetric")
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert any(n.op_type == "QuantizeLinear" for n in qdq)
+    for node in qdq:
+        zero_point = inits[node.input[2]]
+        assert not numpy_helper.to_array(zero_point).any(), node.name
+        # INT8 everywhere; INT32 only for biases (a DequantizeLinear of a constant), as TensorRT expects
+        bias = node.op_type == "DequantizeLinear" and node.input[0] in inits
+        assert zero_point.data_type == TensorProto.INT8 or (bias and zero_point.data_type == TensorProto.INT32), \
+            node.name
+    assert all(s.ndim == 1 and s.size > 1 for s in weight_scales(model).values())  # per_channel (the default)
+    assert r.drop <= 1.0 and r.within_budget
+    assert len(np.unique(logits(out, data["validation"][0]).argmax(1))) == len(CLASSES)
+
+
+def test_auto_tries_every_quantizer_and_keeps_the_best(fp32_onnx, data, tmp_path):
+    r = run(fp32_onnx, tmp_path / "auto.onnx", data, quantizer="auto")
+    assert [c["quantizer"] for c in r.candidates] == list(QUANTIZERS)
+    best = max(r.candidates, key=lambda c: (c["val_accuracy"], c["agreement"]))
+    assert r.quantizer == best["quantizer"] and r.int8_val_accuracy == best["val_accuracy"]
+    assert all(c["seconds"] > 0 and "error" not in c for c in r.candidates)
+    assert json.loads(json.dumps(r.to_dict())) == r.to_dict()
+
+
+class _Unavailable(OnnxRuntimeQuantizer):
+    """A real quantizer that honestly says it cannot run here."""
+
+    name = "onnxruntime"
+
+    def available(self) -> str | None:
+        return "the ONNX Runtime build here lacks quantization (pip install onnxruntime)"
+
+
+def test_unavailable_named_quantizer_is_a_dependency_error(fp32_onnx, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(QUANTIZERS, "onnxruntime", _Unavailable)
+    with pytest.raises(DependencyError, match="pip install onnxruntime") as err:
+        run(fp32_onnx, tmp_path / "x.onnx", data, quantizer="onnxruntime")
+    assert err.value.exit_code == 3
+    assert not (tmp_path / "x.onnx").exists()
+    # auto skips what is unavailable and uses the rest
+    monkeypatch.delitem(QUANTIZERS, "nncf")
+    with pytest.raises(DependencyError, match="no quantizer is usable"):
+        run(fp32_onnx, tmp_path / "x.onnx", data, quantizer="auto")
+
+
+def test_bad_inputs_are_usage_errors(fp32_onnx, data, tmp_path):
+    scheme = Quantization(quantizer="onnxruntime")
+    x, y = data["validation"]
+    with pytest.raises(UsageError, match="calibration"):
+        quantize_model(fp32_onnx, tmp_path / "q.onnx", scheme=scheme, preset=PRESET, calibration=[], validation=(x, y))
+    with pytest.raises(UsageError, match="validation"):
+        quantize_model(fp32_onnx, tmp_path / "q.onnx", scheme=scheme, preset=PRESET,
+                       calibration=data["calibration"], validation=(x, y[:-1]))
+    with pytest.raises(UsageError, match="not found"):
+        quantize_model(tmp_path / "missing.onnx", tmp_path / "q.onnx", scheme=scheme, preset=PRESET,
+                       calibration=data["calibration"], validation=(x, y))
+
+
+# ---- the accuracy budget ------------------------------------------------------------------------
+
+def test_fallback_keeps_the_weight_outlier_layer_in_fp32(weight_outlier, data, tmp_path):
+    """Per-tensor weights: conv2's one huge weight zeroes the rest; only conv2 needs fp32."""
+    conv2 = convs(onnx.load(str(weight_outlier)))[1].name
+    plain = run(weight_outlier, tmp_path / "plain.onnx", data, quantizer="onnxruntime", weights="per_tensor",
+                fallback=False)
+    assert plain.drop > 30 and not plain.within_budget and plain.fallback == []
+    assert (tmp_path / "plain.onnx").exists()  # written even when over budget: the caller gates on the report
+    assert all(s.size == 1 for s in weight_scales(onnx.load(str(tmp_path / "plain.onnx"))).values())  # per_tensor
+
+    out = tmp_path / "fallback.onnx"
+    r = run(weight_outlier, out, data, quantizer="onnxruntime", weights="per_tensor", max_drop=0.5)
+    assert r.excluded_layers == [conv2]
+    check_fallback_report(r, layers=4)
+    assert r.fallback[0]["sensitivity"] > 0.9 and r.fallback[0]["saved_points"] > 30
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert reads_dequantized(model, node) == (node.name != conv2), node.name
+
+
+@pytest.mark.parametrize("quantizer", ["onnxruntime", "nncf"])
+def test_fallback_keeps_the_consumer_of_an_activation_outlier_in_fp32(activation_outlier, data, tmp_path, quantizer):
+    """conv3 reads the tensor with the outlier channel: in fp32 (on fp32 inputs) it restores accuracy.
+
+    For ONNX Runtime this needs more than `nodes_to_exclude`: conv2 still quantizes its own output,
+    so conv3's input is rewired past the Q/DQ pairs (through fp32 twins of MaxPool and the Relu that
+    ORT folded into a Q).
+    """
+    conv3 = convs(onnx.load(str(activation_outlier)))[2].name
+    out = tmp_path / "fallback.onnx"
+    r = run(activation_outlier, out, data, quantizer=quantizer, max_drop=0.5, max_fallback_layers=2)
+    assert r.candidates[0]["val_accuracy"] < 0.5  # plain INT8 is near chance
+    assert r.excluded_layers == [conv3]
+    check_fallback_report(r, layers=4)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    node = next(n for n in model.graph.node if n.name == conv3)
+    assert not reads_dequantized(model, node)
+    assert {p.key: p.value for p in model.metadata_props} == \
+        {p.key: p.value for p in onnx.load(str(activation_outlier)).metadata_props}
+    x, y = data["validation"]
+    assert (logits(out, x).argmax(1) == y).mean() == r.int8_val_accuracy
+
+
+def test_fallback_finds_two_independent_culprits(two_culprits, data, tmp_path):
+    """Keeping either culprit alone in fp32 changes nothing (the other still wrecks the output), so a
+    leave-one-out ranking sees no signal; ranking each layer by the error it brings alone finds both."""
+    conv2, conv3 = (n.name for n in convs(onnx.load(str(two_culprits)))[1:])
+    r = run(two_culprits, tmp_path / "q.onnx", data, quantizer="onnxruntime", weights="per_tensor",
+            max_fallback_layers=3)
+    assert r.candidates[0]["val_accuracy"] < 0.5
+    assert sorted(r.excluded_layers) == sorted([conv2, conv3])
+    assert all(row["sensitivity"] > 0.5 for row in r.fallback)
+    assert r.within_budget and r.quantized_layers == 2
+    assert r.fallback[-1]["drop_after"] == r.drop
+
+
+def test_fallback_stops_at_max_fallback_layers(weight_outlier, data, tmp_path):
+    r = run(weight_outlier, tmp_path / "q.onnx", data, quantizer="onnxruntime", weights="per_tensor",
+            max_fallback_layers=0)
+    assert r.fallback == [] and r.excluded_layers == [] and not r.within_budget
