@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/edgetransfer demo --out runs/demo
+	@$(BIN)/edgetransfer demo --out runs/demo || { status=$$?; \
+	  echo "edgetransfer demo exited $$status (1: a parity gate failed; the reports say where: runs/demo/*/parity.md)"; \
+	  exit $$status; }
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

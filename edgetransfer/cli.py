@@ -126,11 +126,13 @@ def export(run: Path, opset: int) -> None:
 def validate(run: Path, data: Path | None, target: str | None, batch_size: int) -> None:
     """Compare torch fp32 with the exported (and the target's quantized/compiled) models on held-out
     images; exit 1 when a gate fails."""
+    from .stages import as_target, target_dir
     from .validate import validate as run_validate
 
     report = run_validate(run, data, target=target, batch_size=batch_size)
     _print_parity(report)
-    click.echo(f"report: {run / target if target else run}/parity.md")
+    # --target may be a YAML path: the report is in RUN/<the profile's name>/
+    click.echo(f"report: {target_dir(run, as_target(target)) if target else run}/parity.md")
     if not report.passed:
         sys.exit(1)
 

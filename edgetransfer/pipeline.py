@@ -20,6 +20,7 @@ from .fsutil import write_json
 from .schema import from_dict, read_yaml
 from .spec import RunMeta
 from .stages import as_target, compile_run, quantize_run
+from .targets import Target, load_calibration
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def train_or_reuse(data: str | Path, run: Path, config: TrainConfig) -> TrainRes
     return train(data, run, config, resume=same and (run / "checkpoints" / "last.json").exists())
 
 
-def deploy_target(run: Path, target: str, *, calib: str | None = None, data: str | Path | None = None) -> dict[str, Any]:
+def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None = None,
+                  data: str | Path | None = None) -> dict[str, Any]:
     """Quantize (INT8 targets), compile and validate one target; return its summary row.
 
     A target whose runtime or device is absent here (TensorRT, an Intel GPU/NPU) is reported as
@@ -73,6 +75,10 @@ def deploy_target(run: Path, target: str, *, calib: str | None = None, data: str
 def run_recipe(path: str | Path) -> dict[str, Any]:
     """Run every stage of the recipe at `path`; the summary is also written to OUT/recipe-summary.json."""
     recipe = from_dict(Recipe, read_yaml(path), source=path)
+    # every profile and preset the recipe names must load before training starts, not after it
+    targets = [as_target(t) for t in recipe.targets]
+    if recipe.calibration is not None:
+        load_calibration(recipe.calibration)
     base = Path(path).parent
     data = (base / recipe.data).resolve() if not Path(recipe.data).is_absolute() else Path(recipe.data)
     out = (base / recipe.out) if not Path(recipe.out).is_absolute() else Path(recipe.out)
@@ -81,7 +87,7 @@ def run_recipe(path: str | Path) -> dict[str, Any]:
     if not onnx_path.exists() or onnx_path.stat().st_mtime < (out / "model.safetensors").stat().st_mtime:
         export_onnx(result.run)
     fp32 = validate(result.run, recipe.validate_data)
-    rows = [deploy_target(result.run, t, calib=recipe.calibration, data=recipe.validate_data) for t in recipe.targets]
+    rows = [deploy_target(result.run, t, calib=recipe.calibration, data=recipe.validate_data) for t in targets]
     ran = [r for r in rows if r["passed"] is not None]
     summary = {"run": str(out), "fp32_export_passed": fp32.passed, "targets": ran,
                "skipped": [r for r in rows if r["passed"] is None],

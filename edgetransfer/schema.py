@@ -88,10 +88,47 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     return value
 
 
+class _Invalid:
+    """Stands in for a field that failed to convert (or is missing), so that the cross-field checks
+    (`problems()`) on the other fields still run and every problem is reported at once: every
+    comparison with it is False and it is falsy, so a check that reads it does not fire."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __eq__
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> _Invalid:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+_INVALID = _Invalid()
+
+
+def _is_literal(tp: Any) -> bool:
+    if get_origin(tp) in (Union, types.UnionType):
+        inner = [o for o in get_args(tp) if o is not type(None)]
+        return len(inner) == 1 and _is_literal(inner[0])
+    return get_origin(tp) is Literal
+
+
 def _build(cls: type[T], data: Any, where: str, errors: list[str]) -> T:
     if not isinstance(data, dict):
         errors.append(f"{where or 'document'}: expected a mapping, got {type(data).__name__}")
-        return None  # type: ignore[return-value]
+        return _INVALID  # type: ignore[return-value]
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -99,24 +136,41 @@ def _build(cls: type[T], data: Any, where: str, errors: list[str]) -> T:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             errors.append(f"{where + '.' if where else ''}{key}: unknown key"
                           + (f" (did you mean {hint[0]!r}?)" if hint else f"; known: {', '.join(fields)}"))
-    before = len(errors)
+    # Fields that fail are replaced by _INVALID (an invalid choice keeps the value the file gave, which
+    # the cross-field checks may compare), so `problems()` still reports what the other fields break.
+    failed: set[str] = set()
     kwargs = {}
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], path, errors)
+            before = len(errors)
+            value = _convert(data[name], hints[name], path, errors)
+            if len(errors) > before and not dataclasses.is_dataclass(value):
+                failed.add(name)
+                if not _is_literal(hints[name]):
+                    value = _INVALID
+            kwargs[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{path}: required")
-    if len(errors) > before:
-        return None  # type: ignore[return-value]
+            failed.add(name)
+            kwargs[name] = _INVALID
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError, EdgeTransferError) as exc:
-        errors.append(f"{where or 'document'}: {exc}")
-        return None  # type: ignore[return-value]
-    for problem in getattr(obj, "problems", lambda: [])():
+        if not failed:
+            errors.append(f"{where or 'document'}: {exc}")
+        return _INVALID  # type: ignore[return-value]
+    try:
+        problems = getattr(obj, "problems", lambda: [])()
+    except Exception:
+        if not failed:
+            raise
+        problems = []  # a check tripped over an invalid field: that field's own error is reported
+    for problem in problems:
+        if failed and set(problem.split(":", 1)[0].split("/")) & failed:
+            continue  # about a field whose own error is already listed
         errors.append(f"{where + '.' if where else ''}{problem}")
-    return obj
+    return _INVALID if failed else obj  # type: ignore[return-value]
 
 
 def from_dict(cls: type[T], data: Any, *, source: str | Path | None = None) -> T:

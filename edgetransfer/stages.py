@@ -17,7 +17,7 @@ import numpy as np
 
 from .data.calibration import select_calibration
 from .data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
-from .errors import UsageError
+from .errors import DependencyError, UsageError
 from .export import ONNX_FILE
 from .fsutil import sha256_file, write_json, write_text
 from .preprocess import load_image, preprocess
@@ -113,13 +113,30 @@ def compiled_input(run: Path, target: Target) -> Path:
     return src
 
 
+_BACKEND_NAMES = {"tensorrt": "TensorRT", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+
+
+def target_backend(target: Target) -> Any:
+    """The target's backend; a DependencyError (exit 3) when it cannot run here — also when this
+    installation has no implementation of it at all (a profile may name a backend, e.g. TensorRT,
+    that is only available on the device)."""
+    from .backends import backend_names, get_backend
+
+    if target.backend not in backend_names():
+        label = _BACKEND_NAMES.get(target.backend, target.backend)
+        where = ""
+        if target.tensorrt is not None:
+            where = f" (JetPack {target.tensorrt.jetpack}, TensorRT {target.tensorrt.tensorrt})"
+        raise DependencyError(f"target {target.name} needs the {label} backend, which this installation does not "
+                              f"provide; build and validate it on the device{where}", field="backend")
+    return get_backend(target.backend)
+
+
 def compile_run(run: str | Path, target: str | Path | Target) -> Path:
     """Build the target's artifact in `RUN/<target>/` with the target's backend; return its path."""
-    from .backends import get_backend
-
     run, tgt = Path(run), as_target(target)
     src = compiled_input(run, tgt)
-    backend = get_backend(tgt.backend)
+    backend = target_backend(tgt)
     out = target_dir(run, tgt)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "target.yaml", _yaml(to_dict(tgt)))

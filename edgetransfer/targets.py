@@ -27,7 +27,7 @@ class BatchRange:
     max: int = 8
 
     def problems(self) -> list[str]:
-        if not 1 <= self.min <= self.opt <= self.max:
+        if self.min < 1 or self.opt < self.min or self.max < self.opt:  # (not `not a <= b`: see schema._Invalid)
             return [f"min/opt/max: need 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}"]
         return []
 
@@ -69,7 +69,7 @@ class GateSpec:
         out = []
         for name in ("min_agreement", "min_cosine"):
             v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
+            if v is not None and (v < 0.0 or v > 1.0):
                 out.append(f"{name}: must be within [0, 1], got {v}")
         for name in ("max_abs_diff", "max_accuracy_drop"):
             v = getattr(self, name)
@@ -160,9 +160,9 @@ class CalibrationPreset:
         out = []
         if self.samples < 1:
             out.append("samples: must be >= 1")
-        if not 90.0 <= self.percentile <= 100.0:
+        if self.percentile < 90.0 or self.percentile > 100.0:
             out.append("percentile: must be within [90, 100]")
-        if not self.splits:
+        if self.splits == ():
             out.append("splits: at least one of train, val")
         return out
 

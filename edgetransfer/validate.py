@@ -26,7 +26,7 @@ from .parity import FP32_GATES, Gates, PairReport, ParityReport, Side, compare
 from .preprocess import load_image, preprocess
 from .progress import progress_bar
 from .spec import InputSpec, RunMeta
-from .stages import as_target, compiled_artifact, compiled_input, run_splits, target_dir
+from .stages import as_target, compiled_artifact, compiled_input, run_splits, target_backend, target_dir
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
     if tgt is not None:
         if tgt.quantized:
             sides["qdq"] = _Side("qdq", get_backend("onnxruntime").load(compiled_input(run, tgt)))
-        backend = get_backend(tgt.backend)  # exit 3 here when the target's runtime is absent
+        backend = target_backend(tgt)  # exit 3 here when the target's runtime is absent
         sides["compiled"] = _Side("compiled", backend.load(compiled_artifact(run, tgt), tgt))
     deployed = sides["compiled" if tgt else "onnx"]
     batch_max = tgt.batch.max if tgt else batch_size
