@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def parity_figure(report: ParityReport, pairs: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray,
                   predictions: np.ndarray, path: Path) -> Path | None:
-    """One scatter of reference vs candidate logits per pair, then the reference's confusion matrix."""
+    """One scatter of reference vs candidate logits per pair, then the deployed model's confusion matrix."""
     try:
         import matplotlib
 
@@ -46,7 +46,7 @@ def parity_figure(report: ParityReport, pairs: dict[str, tuple[np.ndarray, np.nd
     ax.set_yticks(range(len(report.classes)), report.classes, fontsize=8)
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > m.max() / 2 else "black")
-    ax.set_title(f"reference vs labels (accuracy {np.trace(m) / max(1, m.sum()):.3f})", fontsize=9)
+    ax.set_title(f"deployed model vs labels (accuracy {np.trace(m) / max(1, m.sum()):.3f})", fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
