@@ -72,22 +72,30 @@ def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None =
             "report": str(run / tgt.name / "parity.md")}
 
 
+def _near(base: Path, value: str | None, *, yaml_only: bool = False) -> str | None:
+    """Paths in a recipe are relative to the recipe file; profile and preset *names* stay names."""
+    if value is None or Path(value).is_absolute() or (yaml_only and not value.endswith((".yaml", ".yml"))):
+        return value
+    return str(base / value)
+
+
 def run_recipe(path: str | Path) -> dict[str, Any]:
     """Run every stage of the recipe at `path`; the summary is also written to OUT/recipe-summary.json."""
     recipe = from_dict(Recipe, read_yaml(path), source=path)
+    base = Path(path).resolve().parent
     # every profile and preset the recipe names must load before training starts, not after it
-    targets = [as_target(t) for t in recipe.targets]
-    if recipe.calibration is not None:
-        load_calibration(recipe.calibration)
-    base = Path(path).parent
-    data = (base / recipe.data).resolve() if not Path(recipe.data).is_absolute() else Path(recipe.data)
-    out = (base / recipe.out) if not Path(recipe.out).is_absolute() else Path(recipe.out)
+    targets = [as_target(_near(base, t, yaml_only=True)) for t in recipe.targets]
+    calib = _near(base, recipe.calibration, yaml_only=True)
+    if calib is not None:
+        load_calibration(calib)
+    data, out = Path(_near(base, recipe.data)), Path(_near(base, recipe.out))
+    validate_data = _near(base, recipe.validate_data)
     result = train_or_reuse(data, out, recipe.train)
     onnx_path = out / ONNX_FILE
     if not onnx_path.exists() or onnx_path.stat().st_mtime < (out / "model.safetensors").stat().st_mtime:
         export_onnx(result.run)
-    fp32 = validate(result.run, recipe.validate_data)
-    rows = [deploy_target(result.run, t, calib=recipe.calibration, data=recipe.validate_data) for t in targets]
+    fp32 = validate(result.run, validate_data)
+    rows = [deploy_target(result.run, t, calib=calib, data=validate_data) for t in targets]
     ran = [r for r in rows if r["passed"] is not None]
     summary = {"run": str(out), "fp32_export_passed": fp32.passed, "targets": ran,
                "skipped": [r for r in rows if r["passed"] is None],

@@ -32,7 +32,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UsageError("file not found", path=path) from exc
     if size > MAX_YAML_BYTES:
         raise UsageError(f"file is {size} bytes; configuration files are limited to {MAX_YAML_BYTES}", path=path)
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"not UTF-8 text ({exc})", path=path) from exc
     try:
         if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
             raise UsageError("YAML anchors/aliases are not allowed in configuration files", path=path)

@@ -82,3 +82,13 @@ def test_a_recipe_naming_an_unknown_target_is_exit_2(tiny_data, tmp_path):
     result = CliRunner().invoke(main, ["run", str(recipe)])
     assert result.exit_code == 2, result.output
     assert "x86-onnxruntim" in result.output and "did you mean 'x86-onnxruntime'" in result.output
+
+
+def test_recipe_paths_resolve_next_to_the_recipe_and_names_stay_names(tmp_path):
+    from edgetransfer.pipeline import _near
+
+    assert _near(tmp_path, "data/line3") == str(tmp_path / "data/line3")
+    assert _near(tmp_path, "profiles/mine.yaml", yaml_only=True) == str(tmp_path / "profiles/mine.yaml")
+    assert _near(tmp_path, "intel-cpu", yaml_only=True) == "intel-cpu"
+    assert _near(tmp_path, "/abs/elsewhere") == "/abs/elsewhere"
+    assert _near(tmp_path, None) is None

@@ -176,3 +176,14 @@ def test_a_bad_calibration_preset_lists_its_problems(tmp_path):
     assert "samples: must be >= 1" in text
     assert "splits[1]: 'test' is not one of 'train' | 'val'" in text
     assert "percentil: unknown key (did you mean 'percentile'?)" in text
+
+
+def test_a_profile_that_is_not_utf8_is_refused(tmp_path):
+    from edgetransfer.errors import UsageError
+    from edgetransfer.targets import load_target
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\u00e9\ndescription: x\n".encode("latin-1"))
+    with pytest.raises(UsageError) as err:
+        load_target(bad)
+    assert err.value.exit_code == 2 and "UTF-8" in str(err.value) and str(bad) in str(err.value)
