@@ -60,7 +60,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        numeric = rows and all(str(r[i])[:1] in "0123456789-—" for r in rows)
+        table.add_column(col, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*[str(v) for v in row])
     Console(width=max(140, Console().width)).print(table)
