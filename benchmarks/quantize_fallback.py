@@ -68,7 +68,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from edgetransfer.export import export_module  # noqa: E402
-from edgetransfer.quantize import quantize_model  # noqa: E402
+from edgetransfer.quantize import onnx_logits, quantize_model  # noqa: E402
 from edgetransfer.spec import InputSpec  # noqa: E402
 from edgetransfer.targets import CalibrationPreset, Quantization  # noqa: E402
 
@@ -225,18 +225,9 @@ def build_cases(work: Path) -> list[Case]:
 
 # ---- measuring ---------------------------------------------------------------------------------
 
-def logits(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + 64]})[0] for i in range(0, len(x), 64)])
-
-
 def accuracy(model: Path | onnx.ModelProto, validation: tuple[np.ndarray, np.ndarray]) -> float:
     x, y = validation
-    return float((logits(model, x).argmax(1) == y).mean())
+    return float((onnx_logits(model, x).argmax(1) == y).mean())
 
 
 def kept_fp32(model: Path | onnx.ModelProto, labels: dict[str, str]) -> list[str]:
@@ -319,7 +310,7 @@ def run_nncf_accuracy_control(case: Case, backend: str, ranking: str, fp32_acc: 
         input_name = next(i.name for i in model.graph.input)
 
         def infer(m: Any, x: np.ndarray) -> np.ndarray:
-            return logits(m, x)
+            return onnx_logits(m, x)
     else:
         import openvino as ov
 

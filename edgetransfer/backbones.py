@@ -109,10 +109,6 @@ def replace_head(model: nn.Module, head: Head, num_classes: int) -> None:
     old[conv_idx] = nn.Conv2d(conv.in_channels, num_classes, kernel_size=1)
 
 
-def head_parameters(model: nn.Module, head: Head) -> list[nn.Parameter]:
-    return list(model.get_submodule(head.path).parameters())
-
-
 def stages(model: nn.Module, head: Head) -> list[nn.Module]:
     """The backbone's stages in forward order, for "unfreeze the last N stages"."""
     for path in _STAGE_CONTAINERS:

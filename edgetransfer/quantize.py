@@ -348,7 +348,7 @@ class _Context:
         self.fp32_onnx, self.workdir, self.scheme, self.preset = fp32_onnx, workdir, scheme, preset
         self.calibration, self.x_val, self.labels = calibration, x_val, labels
         self.reference = onnx.load(str(fp32_onnx))
-        self.fp32_logits = _logits(fp32_onnx, x_val)
+        self.fp32_logits = onnx_logits(fp32_onnx, x_val)
         self.fp32_accuracy = _accuracy(self.fp32_logits, labels)
         self._count = 0
 
@@ -367,7 +367,7 @@ class _Context:
 
     def trial(self, quantizer: Quantizer, exclude: Sequence[str]) -> _Trial:
         path = self.build(quantizer, exclude)
-        logits = _logits(path, self.x_val)
+        logits = onnx_logits(path, self.x_val)
         return _Trial(path=path, exclude=tuple(exclude), accuracy=_accuracy(logits, self.labels),
                       agreement=float((logits.argmax(1) == self.fp32_logits.argmax(1)).mean()))
 
@@ -375,7 +375,7 @@ class _Context:
         return round((self.fp32_accuracy - trial.accuracy) * 100.0, 6)
 
 
-def _logits(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def onnx_logits(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """Run a model (path or ModelProto) in ONNX Runtime on the CPU, in batches."""
     import onnxruntime as ort
 
@@ -419,7 +419,7 @@ def _fallback(ctx: _Context, quantizer: Quantizer, start: _Trial) -> tuple[_Tria
     def error(keep: Sequence[str]) -> float:
         edited = copy.deepcopy(fake)
         _keep_fp32(edited, keep, ctx.reference)
-        return _mse(_logits(edited, x_rank), ref)
+        return _mse(onnx_logits(edited, x_rank), ref)
 
     full, floor = error(()), error(names)  # every layer INT8 / only the quantizers outside layers left
     scores: list[tuple[float, str, str]] = []

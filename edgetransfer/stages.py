@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,14 +55,18 @@ def run_splits(meta: RunMeta) -> DatasetSplits:
     return splits
 
 
+def iter_batches(samples: Sequence[Sample], spec: InputSpec, batch_size: int, *,
+                 description: str = "preprocessing") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Samples → (NCHW float32 batch, labels), via the deployment preprocessing, with a progress bar."""
+    for i in progress_bar(range(0, len(samples), batch_size), description, total=-(-len(samples) // batch_size)):
+        chunk = samples[i:i + batch_size]
+        yield np.stack([preprocess(load_image(s.path), spec) for s in chunk]), np.array([s.label for s in chunk])
+
+
 def load_arrays(samples: list[Sample], spec: InputSpec, *, batch_size: int = 32,
                 description: str = "preprocessing") -> list[np.ndarray]:
-    """Samples → preprocessed NCHW float32 batches, via the deployment preprocessing."""
-    batches = []
-    for i in progress_bar(range(0, len(samples), batch_size), description,
-                          total=-(-len(samples) // batch_size)):
-        batches.append(np.stack([preprocess(load_image(s.path), spec) for s in samples[i:i + batch_size]]))
-    return batches
+    """All of `iter_batches`' input batches, in memory (calibration and validation sets)."""
+    return [x for x, _ in iter_batches(samples, spec, batch_size, description=description)]
 
 
 @dataclass

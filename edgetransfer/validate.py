@@ -10,7 +10,7 @@ compiled artifact), and a dynamic-batch check of what will be deployed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +23,8 @@ from .errors import UsageError
 from .export import ONNX_FILE
 from .fsutil import write_json, write_text
 from .parity import FP32_GATES, Gates, PairReport, ParityReport, Side, compare
-from .preprocess import load_image, preprocess
-from .progress import progress_bar
 from .spec import InputSpec, RunMeta
-from .stages import as_target, compiled_artifact, compiled_input, run_splits, target_backend, target_dir
+from .stages import as_target, compiled_artifact, compiled_input, iter_batches, run_splits, target_backend, target_dir
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -47,18 +45,12 @@ def held_out_samples(meta: RunMeta, data: str | Path | None) -> tuple[list[Sampl
     return scan_split(folder, meta.classes), str(folder)
 
 
-def _batches(samples: Sequence[Sample], spec: InputSpec, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        yield np.stack([preprocess(load_image(s.path), spec) for s in chunk]), np.array([s.label for s in chunk])
-
-
 def run_all(samples: Sequence[Sample], spec: InputSpec, runners: dict[str, Runner], *,
             batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every runner's logits over the samples, fed identical preprocessed batches."""
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in runners}
     labels = []
-    for x, y in progress_bar(_batches(samples, spec, batch_size), "validating", total=-(-len(samples) // batch_size)):
+    for x, y in iter_batches(samples, spec, batch_size, description="validating"):
         labels.append(y)
         for name, runner in runners.items():
             outputs[name].append(runner.infer(x))

@@ -8,14 +8,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import nn
 
 from ..backbones import Head, stages
 from ..errors import UsageError
 
-Mode = Literal["features", "partial", "finetune"]
 MODES: tuple[str, ...] = ("features", "partial", "finetune")
 
 
