@@ -206,11 +206,38 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="Target profile name or YAML path (a TensorRT target).")
+def check(run: Path, target: str) -> None:
+    """Preflight: will RUN's model build for the target's TensorRT? Runs anywhere, no TensorRT needed;
+    exit 1 when it cannot build."""
+    from .stages import check_run
+
+    result = check_run(run, target)
+    r = result.report
+    _table(f"ONNX operators in {result.model.name} (opset {r.opset}) for TensorRT {r.tensorrt}",
+           ["operator", "count", "TensorRT", "restriction"],
+           [[o.op if o.domain in ("", "ai.onnx") else f"{o.domain}::{o.op}", o.count, o.status, o.note]
+            for o in r.operators])
+    if r.findings:
+        _table("findings", ["level", "check", "finding", "nodes"],
+               [[f.level, f.check, f.message, ", ".join(f.nodes[:3]) + (" …" if len(f.nodes) > 3 else "")]
+                for f in r.findings])
+    if r.int8:
+        click.echo(f"INT8: {r.int8['int8_layers']} of {r.int8['weighted_layers']} weighted layers; "
+                   f"in float: {', '.join(r.int8['float_layers']) or 'none'}")
+    click.echo(f"{'builds' if r.passed else 'CANNOT BUILD'} for {r.target}; report: {result.folder / 'check.md'}")
+    if not r.passed:
+        sys.exit(1)
+
+
 @main.command("compile")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--target", required=True, help="Target profile name or YAML path.")
 def compile_cmd(run: Path, target: str) -> None:
-    """Build the target's artifact in RUN/<target>/ (OpenVINO IR, ONNX Runtime model + session options...)."""
+    """Build the target's artifact in RUN/<target>/ (OpenVINO IR, ONNX Runtime model + session options,
+    TensorRT engine). Without TensorRT here, a TensorRT target gets an on-device build kit and exit 3."""
     from .stages import compile_run
 
     artifact = compile_run(run, target)
@@ -234,7 +261,9 @@ def _print_targets(rows: list[dict[str, Any]]) -> None:
            ["target", "precision (ran)", "fp32 acc", "deployed acc", "drop (pts)", "agreement", "latency b1 p50",
             "gates"],
            [[r["target"], r["precision"], _fmt(r["fp32_accuracy"]), _fmt(r["accuracy"]), f"{r['drop']:.2f}",
-             _fmt(r["agreement"]), f"{r['latency_ms']:.2f} ms", "pass" if r["passed"] else "FAIL"] for r in rows])
+             _fmt(r["agreement"]), f"{r['latency_ms']:.2f} ms", "pass" if r["passed"] else "FAIL"]
+            if "failed" not in r else [r["target"], "—", "—", "—", "—", "—", "—", "FAIL: " + r["failed"]]
+            for r in rows])
 
 
 @main.command()

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 OPSET = 18
+#: the oldest opset torch's exporter writes itself; older ones are converted from it (see _convert_opset)
+NATIVE_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 META_PREFIX = "edgetransfer."
@@ -63,12 +65,12 @@ def export_module(model: Any, spec: InputSpec, target: str | Path, *, opset: int
         with contextlib.redirect_stdout(io.StringIO()) as chatter:
             try:
                 program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                            opset_version=opset, dynamo=True, external_data=False,
+                                            opset_version=max(opset, NATIVE_OPSET), dynamo=True, external_data=False,
                                             dynamic_shapes=({0: batch},), verbose=False)
             except Exception as exc:
                 raise UsageError(f"ONNX export of {type(model).__name__} failed: {exc}", path=target) from exc
         log.debug("exporter output:\n%s", chatter.getvalue())
-        proto = program.model_proto
+        proto = _convert_opset(program.model_proto, opset, target)
         del proto.metadata_props[:]
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
@@ -77,6 +79,35 @@ def export_module(model: Any, spec: InputSpec, target: str | Path, *, opset: int
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, str(tmp))
     return target
+
+
+def _convert_opset(proto: Any, opset: int, target: Path) -> Any:
+    """Down-convert an export to an older opset (devices such as TensorRT 8.5 stop at 17).
+
+    The exporter's own down-conversion runs before its graph optimisation and gives up on
+    ReduceMean's opset-18 `axes` input, keeping opset 18 without an error; on the optimised graph
+    ONNX's converter succeeds. The result is verified: a file never claims an opset it is not.
+    """
+    import onnx
+
+    if _default_opset(proto) != opset:
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+        except Exception as exc:  # the converter raises RuntimeError from C++ for unsupported adaptations
+            raise UsageError(f"the model cannot be expressed in opset {opset} ({exc})", path=target,
+                             field="opset") from exc
+        for node in proto.graph.node:  # the converter keeps this opset-18 attribute; 0 is opset 17's behaviour
+            for attr in [a for a in node.attribute if a.name == "noop_with_empty_axes" and opset < 18]:
+                if attr.i:
+                    raise UsageError(f"{node.name}: noop_with_empty_axes=1 has no opset-{opset} form", path=target)
+                node.attribute.remove(attr)
+    if _default_opset(proto) != opset:
+        raise UsageError(f"the exporter produced opset {_default_opset(proto)}, not {opset}", path=target, field="opset")
+    return proto
+
+
+def _default_opset(proto: Any) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def export_onnx(run: str | Path, *, out: str | Path | None = None, opset: int = OPSET) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapt.train import TrainConfig, TrainResult, config_record, train
-from .errors import DependencyError
+from .errors import DependencyError, GateFailed
 from .export import ONNX_FILE, export_onnx
 from .fsutil import write_json
 from .schema import from_dict, read_yaml
@@ -54,7 +54,8 @@ def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None =
     """Quantize (INT8 targets), compile and validate one target; return its summary row.
 
     A target whose runtime or device is absent here (TensorRT, an Intel GPU/NPU) is reported as
-    skipped with the reason instead of failing the whole recipe.
+    skipped with the reason instead of failing the whole recipe (for TensorRT, after writing the
+    on-device build kit); one whose model cannot build for it is reported as failed.
     """
     tgt = as_target(target)
     row: dict[str, Any] = {"target": tgt.name}
@@ -65,9 +66,12 @@ def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None =
             row["fp32_layers"] = q.report.excluded_layers
         compile_run(run, tgt)
         report = validate(run, data, target=tgt)
-    except DependencyError as exc:
+    except DependencyError as exc:  # e.g. TensorRT: the on-device build kit was written instead
         log.warning("%s skipped: %s", tgt.name, exc)
         return {**row, "skipped": str(exc), "passed": None}
+    except GateFailed as exc:  # the preflight says the model cannot build for this target
+        log.error("%s failed: %s", tgt.name, exc)
+        return {**row, "failed": str(exc), "passed": False}
     return {**row, **report.summary, "latency_ms": report.latency["p50_ms"], "passed": report.passed,
             "report": str(run / tgt.name / "parity.md")}
 

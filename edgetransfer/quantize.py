@@ -183,6 +183,7 @@ class OnnxRuntimeQuantizer(Quantizer):
             # every calibration image in memory at once (ORT applies the stride to every method)
             "CalibStridedMinMax": 1,
             "AddQDQPairToWeight": float_weights,
+            "QuantizeBias": scheme.bias == "int32",
         }
         if preset.method == "percentile":
             extra["CalibPercentile"] = preset.percentile

@@ -18,7 +18,7 @@ import numpy as np
 
 from .data.calibration import select_calibration
 from .data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
-from .errors import DependencyError, UsageError
+from .errors import DependencyError, GateFailed, UsageError
 from .export import ONNX_FILE
 from .fsutil import sha256_file, write_json, write_text
 from .preprocess import load_image, preprocess
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 INT8_FILE = "model.int8.onnx"
 COMPILED_FILE = "compiled.json"
+CHECK_FILE = "check.json"
+CHECK_MD = "check.md"
+#: written by a backend's on-device build kit (TensorRT) where compile cannot run here
+KIT_FILE = "kit.json"
 
 
 def as_target(target: str | Path | Target) -> Target:
@@ -118,33 +122,74 @@ def compiled_input(run: Path, target: Target) -> Path:
     return src
 
 
-_BACKEND_NAMES = {"tensorrt": "TensorRT", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+def target_backend(target: Target, *, require: bool = True) -> Any:
+    """The target's backend; with `require`, a DependencyError (exit 3) when it cannot run here."""
+    from .backends import get_backend
+
+    return get_backend(target.backend, require=require)
 
 
-def target_backend(target: Target) -> Any:
-    """The target's backend; a DependencyError (exit 3) when it cannot run here — also when this
-    installation has no implementation of it at all (a profile may name a backend, e.g. TensorRT,
-    that is only available on the device)."""
-    from .backends import backend_names, get_backend
+@dataclass
+class CheckResult:
+    report: Any              # the backend's preflight report (to_dict / to_markdown / passed)
+    model: Path              # the ONNX that was checked
+    folder: Path             # where check.json and check.md are
 
-    if target.backend not in backend_names():
-        label = _BACKEND_NAMES.get(target.backend, target.backend)
-        where = ""
-        if target.tensorrt is not None:
-            where = f" (JetPack {target.tensorrt.jetpack}, TensorRT {target.tensorrt.tensorrt})"
-        raise DependencyError(f"target {target.name} needs the {label} backend, which this installation does not "
-                              f"provide; build and validate it on the device{where}", field="backend")
-    return get_backend(target.backend)
+
+def check_run(run: str | Path, target: str | Path | Target) -> CheckResult:
+    """The target backend's preflight on the ONNX it would compile, written to `RUN/<target>/check.*`.
+
+    Runs anywhere (no TensorRT needed). Before `quantize` an INT8 target is checked on the fp32 export,
+    and the report says the INT8 checks are still to come.
+    """
+    run, tgt = Path(run), as_target(target)
+    try:
+        src = compiled_input(run, tgt)
+    except UsageError:
+        if not tgt.quantized or not (run / ONNX_FILE).exists():
+            raise
+        src = run / ONNX_FILE
+    backend = target_backend(tgt, require=False)
+    report = backend.preflight(src, tgt)
+    if report is None:
+        raise UsageError(f"{tgt.backend} targets have no preflight: `edgetransfer compile {run} --target "
+                         f"{tgt.name}` builds and checks them here", field="backend")
+    return _write_check(target_dir(run, tgt), report, src)
+
+
+def _write_check(out: Path, report: Any, src: Path) -> CheckResult:
+    write_json(out / CHECK_FILE, {**report.to_dict(), "checked": src.name})
+    write_text(out / CHECK_MD, report.to_markdown())
+    return CheckResult(report=report, model=src, folder=out)
 
 
 def compile_run(run: str | Path, target: str | Path | Target) -> Path:
-    """Build the target's artifact in `RUN/<target>/` with the target's backend; return its path."""
+    """Build the target's artifact in `RUN/<target>/` with the target's backend; return its path.
+
+    A backend with a preflight checks first (exit 1 when the model cannot build). Where the backend
+    cannot run here but has an on-device build kit (TensorRT), the kit is written and the error
+    (exit 3) says where it is.
+    """
     run, tgt = Path(run), as_target(target)
     src = compiled_input(run, tgt)
-    backend = target_backend(tgt)
+    backend = target_backend(tgt, require=False)
     out = target_dir(run, tgt)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "target.yaml", _yaml(to_dict(tgt)))
+    report = backend.preflight(src, tgt)
+    check = _write_check(out, report, src) if report is not None else None
+    if check is not None and not check.report.passed:
+        first = check.report.errors[0].message
+        raise GateFailed(f"{src.name} cannot build for {tgt.name}: {first} "
+                         f"({len(check.report.errors)} error(s); see {out / CHECK_MD})", path=src)
+    reason = backend.available()
+    if reason is not None:
+        kit = backend.build_kit(src, tgt, out, reason=reason, preflight=check.report if check else None)
+        if kit is None:
+            raise DependencyError(f"target {tgt.name} needs the {tgt.backend} backend: {reason}", field="backend")
+        raise DependencyError(f"{reason}, so {tgt.name}'s {tgt.backend} artifact is built on the device. Wrote the "
+                              f"on-device build kit to {out}: copy the run folder there and follow "
+                              f"{out / 'BUILD_ON_DEVICE.md'}")
     artifact = backend.compile(src, tgt, out)
     write_json(out / COMPILED_FILE, {"artifact": artifact.name, "backend": tgt.backend, "device": tgt.device,
                                      "precision": tgt.precision, "source": src.name, "source_sha256": sha256_file(src)})
@@ -154,10 +199,33 @@ def compile_run(run: str | Path, target: str | Path | Target) -> Path:
 
 def compiled_artifact(run: Path, target: Target) -> Path:
     """The artifact `compile_run` recorded for this target."""
-    record = target_dir(run, target) / COMPILED_FILE
+    folder = target_dir(run, target)
+    record = folder / COMPILED_FILE
     if not record.exists():
+        if (folder / KIT_FILE).exists():
+            raise DependencyError(f"no engine for {target.name} here: it is built on the device from the kit in "
+                                  f"{folder} (see BUILD_ON_DEVICE.md), then validated there", path=folder)
         raise UsageError(f"not compiled yet; run `edgetransfer compile {run} --target {target.name}`", path=record)
-    return target_dir(run, target) / json.loads(record.read_text())["artifact"]
+    return folder / json.loads(record.read_text())["artifact"]
+
+
+def load_compiled(run: Path, target: Target) -> Any:
+    """A runner for the target's compiled artifact.
+
+    When there is one, the backend inspects it before anything else (an engine built for another
+    device is exit 3 naming both sides, a tampered one exit 4), then must be usable here (exit 3).
+    """
+    if not (target_dir(run, target) / COMPILED_FILE).exists():
+        target_backend(target)  # a missing runtime or device is the first thing to say
+    artifact = compiled_artifact(run, target)
+    recorded = json.loads((target_dir(run, target) / COMPILED_FILE).read_text()).get("source_sha256")
+    src = compiled_input(run, target)
+    if recorded and sha256_file(src) != recorded:
+        raise UsageError(f"{artifact.name} was compiled from an earlier {src.name}; run `edgetransfer compile "
+                         f"{run} --target {target.name}` again", path=artifact)
+    runner = target_backend(target, require=False).load(artifact, target)
+    target_backend(target)
+    return runner
 
 
 def _yaml(data: dict[str, Any]) -> str:

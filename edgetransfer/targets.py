@@ -8,6 +8,7 @@ user's own YAML file works wherever a name does.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,9 @@ class Quantization:
     # 7-bit weights: x86 CPUs without VNNI multiply u8 x s8 pairs with a saturating 16-bit add, so
     # full-range INT8 weights overflow there and the runtime drifts from the QDQ model it was given
     reduce_range: bool = False
+    # int32: biases become int32 DequantizeLinear inputs (ONNX Runtime and OpenVINO fold them into the
+    # integer kernels); float: biases stay float, which TensorRT needs (its DequantizeLinear takes INT8 only)
+    bias: Literal["int32", "float"] = "int32"
     calibration: str = "default"            # a preset name (calibration/*.yaml) or a path
     max_drop: float = 0.5                   # accuracy budget in points on the validation split
     fallback: bool = True                   # keep the most sensitive layers in fp32 until within budget
@@ -93,24 +97,47 @@ class ParityGates:
 
 @dataclass(frozen=True)
 class TensorRTSpec:
-    """What a TensorRT target's device runs: the engine is specific to these."""
+    """What a TensorRT target's device runs: an engine is specific to these, so they are checked twice —
+    when the engine is built (this machine must be that device) and when it is loaded (its sidecar
+    must match the machine)."""
 
     jetpack: str
-    tensorrt: str
-    compute_capability: str
-    gpu: str
-    dla_cores: int = 0
-    use_dla: bool = False
+    tensorrt: str                            # major.minor: picks the ONNX operator table and opset range
+    compute_capability: str                  # "8.7" for Orin
+    gpu: str                                 # human-readable; the engine sidecar records the exact name
+    dla_cores: int = 0                       # how many the device has
+    use_dla: bool = False                    # build for a DLA core (GPU fallback for what DLA can't run)
+    dla_core: int = 0
     workspace_mb: int = 1024
+    # precision policy for layers the QDQ model leaves in float: true lets TensorRT pick fp16 for them
+    # (weakly typed network, INT8 + FP16 flags); false builds a strongly typed network that runs
+    # exactly the types in the ONNX (INT8 where Q/DQ say so, fp32 elsewhere)
     fp16_fallback: bool = True
 
     def problems(self) -> list[str]:
         out = []
+        if not re.fullmatch(r"\d+\.\d+(\.\d+)*", self.tensorrt):
+            out.append(f"tensorrt: a version like '10.3', got {self.tensorrt!r}")
+        if not re.fullmatch(r"\d+\.\d+", self.compute_capability):
+            out.append(f"compute_capability: like '8.7', got {self.compute_capability!r}")
+        if self.dla_cores < 0:
+            out.append("dla_cores: must be >= 0")
         if self.use_dla and self.dla_cores < 1:
             out.append("use_dla: the device has no DLA cores")
+        if self.use_dla and not 0 <= self.dla_core < self.dla_cores:
+            out.append(f"dla_core: must be within [0, {self.dla_cores - 1}]")
         if self.workspace_mb < 16:
             out.append("workspace_mb: must be >= 16")
         return out
+
+    @property
+    def major(self) -> int:
+        return int(self.tensorrt.split(".")[0])
+
+    @property
+    def strongly_typed(self) -> bool:
+        """Strongly typed networks exist from TensorRT 9; before that every build is weakly typed."""
+        return not self.fp16_fallback and self.major >= 9
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .export import ONNX_FILE
 from .fsutil import write_json, write_text
 from .parity import FP32_GATES, Gates, PairReport, ParityReport, Side, compare
 from .spec import InputSpec, RunMeta
-from .stages import as_target, compiled_artifact, compiled_input, iter_batches, run_splits, target_backend, target_dir
+from .stages import as_target, compiled_input, iter_batches, load_compiled, run_splits, target_dir
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
     if tgt is not None:
         if tgt.quantized:
             sides["qdq"] = _Side("qdq", get_backend("onnxruntime").load(compiled_input(run, tgt)))
-        backend = target_backend(tgt)  # exit 3 here when the target's runtime is absent
-        sides["compiled"] = _Side("compiled", backend.load(compiled_artifact(run, tgt), tgt))
+        sides["compiled"] = _Side("compiled", load_compiled(run, tgt))  # exit 3 when it cannot run here
     deployed = sides["compiled" if tgt else "onnx"]
     batch_max = tgt.batch.max if tgt else batch_size
     entered = []

@@ -11,6 +11,7 @@ _REGISTRY: dict[str, str] = {
     "torch": "edgetransfer.backends.torch:TorchBackend",
     "onnxruntime": "edgetransfer.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "edgetransfer.backends.openvino:OpenVinoBackend",
+    "tensorrt": "edgetransfer.backends.tensorrt:TensorRTBackend",
 }
 
 

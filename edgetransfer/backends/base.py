@@ -53,4 +53,17 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def load(self, artifact: Path, target: Any = None) -> Runner:
-        """A runner for an artifact this backend made (or can read)."""
+        """A runner for an artifact this backend made (or can read).
+
+        Checks that need no framework (an artifact built for another device, a tampered file) belong
+        here, so they answer even where `available()` does not."""
+
+    def preflight(self, onnx: Path, target: Any) -> Any:
+        """A report on whether `onnx` will compile for `target`, answered without the framework
+        (None: this backend has none; its `compile` runs wherever the backend is available)."""
+        return None
+
+    def build_kit(self, onnx: Path, target: Any, out: Path, *, reason: str, preflight: Any = None) -> Path | None:
+        """Where `compile` cannot run here, write what the device needs to compile there into `out`
+        and return its record's path (None: this backend has no such kit)."""
+        return None
