@@ -3,6 +3,8 @@ and a hand-edited file with mistakes is refused with one error that lists every 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -40,12 +42,26 @@ def test_every_calibration_preset_loads_and_never_uses_test_images(name):
     assert p.samples >= 1 and p.splits and set(p.splits) <= {"train", "val"}
 
 
-@pytest.mark.parametrize("name", ["jetson-orin-nano", "jetson-agx-orin"])
-def test_jetson_profiles_quantize_activations_symmetrically(name):
-    # TensorRT's explicit quantization runs signed INT8 with zero point 0 only
+@pytest.mark.parametrize("name", ["jetson-orin-nano", "jetson-agx-orin", "jetson-xavier-nx"])
+def test_jetson_profiles_quantize_the_way_tensorrt_runs(name):
+    # TensorRT's explicit quantization runs signed INT8 with zero point 0, and DequantizeLinear on INT8 only
     t = load_target(name)
     assert t.backend == "tensorrt" and t.precision == "int8"
-    assert t.quantization.activations == "symmetric"
+    assert t.quantization.activations == "symmetric" and t.quantization.bias == "float"
+    assert t.tensorrt.major in (8, 10) and t.tensorrt.compute_capability in ("7.2", "8.7")
+
+
+def test_a_tensorrt_section_with_bad_versions_and_dla_is_refused(tmp_path):
+    profile = yaml.safe_load((Path(__file__).parents[1] / "edgetransfer/profiles/targets/jetson-agx-orin.yaml").read_text())
+    profile["tensorrt"].update(tensorrt="ten", compute_capability="87", use_dla=True, dla_core=2)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    with pytest.raises(UsageError) as info:
+        load_target(path)
+    text = str(info.value)
+    for fragment in ("tensorrt.tensorrt: a version like '10.3', got 'ten'", "tensorrt.compute_capability: like '8.7'",
+                     "tensorrt.dla_core: must be within [0, 1]"):
+        assert fragment in text, text
 
 
 def test_targets_cli_lists_every_profile():
