@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import DependencyError, IntegrityError, UsageError
 from .spec import InputSpec, RunMeta
+from .tensorfile import check_finite, load_torch_weights, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -175,21 +176,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], RunMeta | None
     if not path.exists():
         raise UsageError("weights file not found", path=path, field="weights")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path)), meta
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise IntegrityError(f"not a readable safetensors file ({exc})", path=path) from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickles that would run code
-        raise IntegrityError(f"refused to load: not a plain tensor state dict ({exc})", path=path) from exc
+        return read_safetensors(path), meta
+    obj = load_torch_weights(path)  # weights_only: a pickle that would run code is refused, exit 4
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise IntegrityError("expected a dict of tensors", path=path)
+    check_finite(obj, path)
     return obj, meta
 
 

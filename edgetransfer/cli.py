@@ -5,8 +5,11 @@ No logic lives here beyond mapping flags onto the Python API and errors onto DES
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +20,77 @@ from .errors import EdgeTransferError
 log = logging.getLogger("edgetransfer")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, torchrun stopping its workers), handled like Ctrl-C but exit 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+#: errors of the output location that a user fixes outside the toolkit: exit 2 with the path named
+_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                   errno.EPERM: "operation not permitted"}
+_RUN_KEY = "edgetransfer.run"
+
+
 class _Group(click.Group):
-    """Turns the toolkit's typed errors into one line on stderr and their exit code."""
+    """Turns the toolkit's typed errors into one line on stderr and their exit code; the traceback
+    goes to the run folder's `edgetransfer.log` for whoever debugs it."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgeTransferError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.secho("interrupted: completed artifacts are kept; nothing half-written remains", err=True)
-            ctx.exit(130)
+            _fail(ctx, exc, str(exc), exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS:
+                raise
+            where = exc.filename or "the output folder"
+            _fail(ctx, exc, f"cannot write {where}: {_STORAGE_ERRNOS[exc.errno]} ({exc.strerror}). Completed "
+                  "artifacts are untouched and nothing half-written remains; fix it and run the command again", 2)
+        except KeyboardInterrupt as exc:
+            signal_name = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            click.secho(f"{signal_name}: completed artifacts are kept; nothing half-written remains "
+                        "(training resumes with --resume)", err=True)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+def _fail(ctx: click.Context, exc: BaseException, message: str, code: int) -> None:
+    log_file = _log_traceback(ctx.meta.get(_RUN_KEY), exc)
+    click.secho(f"error: {message}", fg="red", err=True)
+    if log_file is not None:
+        click.echo(f"(details: {log_file})", err=True)
+    ctx.exit(code)
+
+
+def _log_traceback(run: Path | None, exc: BaseException) -> Path | None:
+    """Append the traceback to RUN/edgetransfer.log when the run folder exists; never fail doing so."""
+    import datetime
+    import traceback
+
+    if run is None or not Path(run).is_dir():
+        return None
+    path = Path(run) / "edgetransfer.log"
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
+            fh.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return path
+
+
+def _remember_run(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Callback of RUN arguments and --out options: where a failure's traceback is logged."""
+    if value is not None:
+        ctx.meta[_RUN_KEY] = value
+    return value
+
+
+def run_argument() -> Any:
+    return click.argument("run", type=click.Path(path_type=Path), callback=_remember_run)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -73,6 +135,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 def main(verbose: bool) -> None:
     """Adapt a pretrained backbone to your images, export it, and prove the export answers the same."""
     _setup_logging(verbose)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 @main.command()
@@ -91,7 +155,8 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.",
+              callback=_remember_run)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def train(data: Path, out: Path, resume: bool, **options: Any) -> None:
     """Adapt a backbone to the ImageFolder tree DATA (DATA/train/<class>/..., optional val/ and test/)."""
@@ -108,7 +173,7 @@ def train(data: Path, out: Path, resume: bool, **options: Any) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@run_argument()
 @click.option("--opset", type=click.IntRange(min=13), default=18, show_default=True)
 def export(run: Path, opset: int) -> None:
     """Export RUN's best checkpoint to RUN/model.onnx (dynamic batch, metadata, full checker pass)."""
@@ -119,7 +184,7 @@ def export(run: Path, opset: int) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@run_argument()
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Held-out images: DIR/test/ or DIR/<class>/. Default: the run's own test split.")
 @click.option("--target", default=None, help="Validate RUN/<target>/'s artifacts (see `edgetransfer targets`).")
@@ -177,7 +242,7 @@ def targets_show(name: str) -> None:
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@run_argument()
 @click.option("--target", required=True, help="Target profile name or YAML path.")
 @click.option("--calib", default=None, help="Calibration preset name or YAML path (default: the target's).")
 def quantize(run: Path, target: str, calib: str | None) -> None:
@@ -207,7 +272,7 @@ def _fmt(v: float | None) -> str:
 
 
 @main.command()
-@click.argument("run", type=click.Path(path_type=Path))
+@run_argument()
 @click.option("--target", required=True, help="Target profile name or YAML path (a TensorRT target).")
 def check(run: Path, target: str) -> None:
     """Preflight: will RUN's model build for the target's TensorRT? Runs anywhere, no TensorRT needed;
@@ -233,7 +298,7 @@ def check(run: Path, target: str) -> None:
 
 
 @main.command("compile")
-@click.argument("run", type=click.Path(path_type=Path))
+@run_argument()
 @click.option("--target", required=True, help="Target profile name or YAML path.")
 def compile_cmd(run: Path, target: str) -> None:
     """Build the target's artifact in RUN/<target>/ (OpenVINO IR, ONNX Runtime model + session options,

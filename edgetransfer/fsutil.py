@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,28 @@ def _umask() -> int:
     return mask
 
 
+def _owner() -> str:
+    """This host's name as it appears in temporary names (a folder may be shared between machines)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _sweep_orphans(final: Path) -> None:
+    """Remove temporaries of `final` left by a writer on this host that no longer runs (kill -9,
+    power loss), so re-running a killed command needs no manual clean-up."""
+    prefix = f".{final.name}.{_owner()}."
+    for tmp in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it over `final` only if the block succeeds.
@@ -33,7 +58,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    _sweep_orphans(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{_owner()}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; the final file gets the usual mode

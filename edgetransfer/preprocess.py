@@ -46,10 +46,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+#: images larger than this are refused from their header, before decoding: a few-KB PNG can claim
+#: 50,000 x 50,000 pixels (a decompression bomb) and would need gigabytes to decode. 64 MP is above
+#: every industrial camera's frame; Pillow's own limit (178 MP) would still decode 0.5 GB per image.
+MAX_PIXELS = 64_000_000
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Decode an image file fully (so truncation is found here, not mid-epoch) as upright RGB."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise DataError(f"image is {img.width}x{img.height} pixels, over the {MAX_PIXELS // 1_000_000} MP "
+                                "limit (a decompression bomb, or not a camera frame); refused before decoding",
+                                path=path)
             img.load()
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

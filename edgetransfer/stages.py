@@ -21,6 +21,7 @@ from .data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
 from .errors import DependencyError, GateFailed, UsageError
 from .export import ONNX_FILE
 from .fsutil import sha256_file, write_json, write_text
+from .onnxfile import check_onnx_file
 from .preprocess import load_image, preprocess
 from .progress import progress_bar
 from .schema import to_dict
@@ -95,6 +96,7 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     fp32 = run / ONNX_FILE
     if not fp32.exists():
         raise UsageError("no exported model; run `edgetransfer export` first", path=fp32)
+    check_onnx_file(fp32)
     preset = load_calibration(calib or tgt.quantization.calibration)
     splits = run_splits(meta)
     chosen = select_calibration(splits, preset)
@@ -119,6 +121,7 @@ def compiled_input(run: Path, target: Target) -> Path:
     if not src.exists():
         step = f"edgetransfer quantize {run} --target {target.name}" if target.quantized else f"edgetransfer export {run}"
         raise UsageError(f"missing; run `{step}` first", path=src)
+    check_onnx_file(src)
     return src
 
 
@@ -149,6 +152,7 @@ def check_run(run: str | Path, target: str | Path | Target) -> CheckResult:
         if not tgt.quantized or not (run / ONNX_FILE).exists():
             raise
         src = run / ONNX_FILE
+        check_onnx_file(src)
     backend = target_backend(tgt, require=False)
     report = backend.preflight(src, tgt)
     if report is None:

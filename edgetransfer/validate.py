@@ -22,6 +22,7 @@ from .data.folder import Sample, scan_split
 from .errors import UsageError
 from .export import ONNX_FILE
 from .fsutil import write_json, write_text
+from .onnxfile import check_onnx_file
 from .parity import FP32_GATES, Gates, PairReport, ParityReport, Side, compare
 from .spec import InputSpec, RunMeta
 from .stages import as_target, compiled_input, iter_batches, load_compiled, run_splits, target_dir
@@ -83,6 +84,7 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
     onnx_path = run / ONNX_FILE
     if not onnx_path.exists():
         raise UsageError("no exported model; run `edgetransfer export` first", path=onnx_path)
+    check_onnx_file(onnx_path)
     sides = {"torch": _Side("torch", get_backend("torch").load(run)),
              "onnx": _Side("onnx", get_backend("onnxruntime").load(onnx_path))}
     if tgt is not None:

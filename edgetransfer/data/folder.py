@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import unicodedata
@@ -34,6 +35,8 @@ import numpy as np
 from ..errors import DataError, UsageError
 from ..fsutil import sha256_file
 from ..preprocess import load_image
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -213,17 +216,23 @@ def _stratified_split(train: list[Sample], classes: list[str], fractions: dict[s
 
 
 def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
-                 classes: Sequence[str] | None = None, verify: bool = True) -> DatasetSplits:
+                 classes: Sequence[str] | None = None, verify: bool = True, skip_bad: float = 0.0,
+                 exclude: Sequence[str] = ()) -> DatasetSplits:
     """Scan an ImageFolder tree into train/val/test, checking everything that can be wrong up front.
 
     `classes` (e.g. from a checkpoint) fixes the class order, and train's class folders must then match
     it exactly. A missing val or test folder is split off train (fractions are of train's images); a
     root with class folders directly and no ``train/`` has both split off. ``verify=True`` decodes
-    every image once, so a truncated file fails now and not in epoch 7.
+    every image once, so a truncated file fails now and not in epoch 7; with `skip_bad` up to that
+    fraction of bad files is skipped instead (listed in `record["skipped"]`). `exclude` drops files
+    (paths relative to the root) after splitting, so the other images keep their splits — how a run's
+    skipped files stay skipped when its dataset is scanned again.
     """
     for fname, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
             raise UsageError(f"must be in [0, 1), got {f!r}", field=fname)
+    if not 0.0 <= skip_bad < 1.0:
+        raise UsageError(f"must be in [0, 1), got {skip_bad!r}", field="skip_bad_images")
     if val_fraction + test_fraction >= 1.0:
         raise UsageError("val_fraction + test_fraction must be below 1 so train keeps images", field="val_fraction")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -280,8 +289,17 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
         "counts": splits.counts(),
         "generated": {s: [_rel(x.path, root) for x in parts[s]] for s in generated},
     }
+    skipped = {(root / rel).absolute() for rel in exclude}
     if verify:
-        verify_images(splits.train + splits.val + splits.test)
+        bad = verify_images(splits.train + splits.val + splits.test, max_bad_fraction=skip_bad)
+        skipped |= {p for p, _ in bad}
+        splits.record["skipped"] = [{"path": _rel(p, root), "reason": r} for p, r in bad]
+        for p, r in bad:
+            log.warning("skipping %s: %s", p, r)
+    if skipped:
+        for name in SPLITS:
+            setattr(splits, name, [x for x in splits.split(name) if x.path.absolute() not in skipped])
+        splits.record["counts"] = splits.counts()
     return splits
 
 
@@ -297,20 +315,43 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def verify_images(samples: Iterable[Sample]) -> None:
-    """Decode every file fully and raise ONE DataError listing every bad file with its reason.
+def verify_images(samples: Iterable[Sample], *, max_bad_fraction: float = 0.0) -> list[tuple[Path, str]]:
+    """Decode every file fully; raise ONE DataError listing every bad file with its reason.
 
     One run then shows the whole clean-up job (truncated copies, zero-byte files, wrong extensions)
-    instead of failing on the first bad file, or worse, in the middle of training.
+    instead of failing on the first bad file, or worse, in the middle of training. Up to
+    `max_bad_fraction` of the files may be bad instead: they are returned for the caller to skip.
     """
     unique = list(dict.fromkeys(s.path for s in samples))
     reasons = _parallel(_problem, unique)
     bad = [(p, r) for p, r in zip(unique, reasons) if r is not None]
-    if not bad:
-        return
+    if not bad or len(bad) <= max_bad_fraction * len(unique):
+        return bad
     where = bad[0][0] if len(bad) == 1 else Path(os.path.commonpath([str(p) for p, _ in bad]))
     listing = "\n".join(f"  {p}: {r}" for p, r in bad)
-    raise DataError(f"{len(bad)} unreadable image file(s); fix or remove them:\n{listing}", path=where)
+    allowed = (f" (more than the {max_bad_fraction:.0%} --skip-bad-images allows)" if max_bad_fraction
+               else "; or pass --skip-bad-images to train without them")
+    raise DataError(f"{len(bad)} unreadable image file(s) of {len(unique)}{allowed}; fix or remove them:\n{listing}",
+                    path=where)
+
+
+def require_trainable(splits: DatasetSplits, batch_size: int) -> int:
+    """Refuse what cannot train (one class, no training images); return the batch size to use.
+
+    A training set smaller than the batch would leave one partial batch per epoch; a final batch of
+    one image breaks BatchNorm in training mode. So the batch shrinks to the training set (logged),
+    and the caller drops a last batch of one.
+    """
+    if len(splits.classes) < 2:
+        raise DataError(f"only one class ({', '.join(splits.classes)}): a classifier needs at least two; {_LAYOUT}",
+                        path=splits.root)
+    n = len(splits.train)
+    if n < 2:
+        raise DataError(f"{n} training image(s): too few to train; {_LAYOUT}", path=splits.root)
+    if batch_size > n:
+        log.warning("batch size %d is larger than the %d training images; using %d", batch_size, n, n)
+        return n
+    return batch_size
 
 
 def _file_digest(path: Path) -> str:
