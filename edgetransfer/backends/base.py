@@ -54,3 +54,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: Path, target: Any = None) -> Runner:
         """A runner for an artifact this backend made (or can read)."""
+
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        """Every file that makes up the compiled `artifact` (which `compile` returned).
+
+        Bundling asks the backend, so that a bundle carries weights and sidecars it does not know
+        about (OpenVINO's .bin next to the .xml, ONNX Runtime's session options).
+        """
+        return [Path(artifact)]
