@@ -5,8 +5,12 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the device runtime alone (no torch): the torch-free tests run bundles through it
+RUNTIME_VENV ?= .venv-runtime
+RUNTIME_EXTRA ?= runtime-onnxruntime
+RUNTIME_STAMP := $(RUNTIME_VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-runtime clean
 
 install: $(STAMP)
 
@@ -17,13 +21,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
 	touch $(STAMP)
 
+install-runtime: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/python -m pip install --quiet -e ".[$(RUNTIME_EXTRA)]"
+	touch $(RUNTIME_STAMP)
+
 demo: $(STAMP)
 	@$(BIN)/edgetransfer demo --out runs/demo || { status=$$?; \
 	  echo "edgetransfer demo exited $$status (1: a parity gate failed; the reports say where: runs/demo/*/parity.md)"; \
 	  exit $$status; }
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(RUNTIME_STAMP)
+	EDGETRANSFER_RUNTIME_PYTHON=$(abspath $(RUNTIME_VENV))/bin/python $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(RUNTIME_VENV) runs .pytest_cache

@@ -116,7 +116,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def _table(title: str, columns: list[str], rows: list[list[Any]], *, err: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -126,7 +126,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(col, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*[str(v) for v in row])
-    Console(width=max(140, Console().width)).print(table)
+    Console(width=max(140, Console().width), stderr=err).print(table)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -331,6 +331,111 @@ def _print_targets(rows: list[dict[str, Any]]) -> None:
             for r in rows])
 
 
+# ---- shipping to the device: bundle (workstation), verify / infer / bench (device, no torch) ----
+
+@main.command("bundle")
+@run_argument()
+@click.option("--target", required=True, help="Target profile name or YAML path.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to create.")
+@click.option("--archive", is_flag=True, help="Also write OUT.tar.gz.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Held-out images for the golden set (default: the run's test split).")
+@click.option("--golden", type=click.IntRange(min=1), default=32, show_default=True, help="Golden-set images.")
+@click.option("--allow-failed", is_flag=True, help="Bundle even though the target's parity failed (recorded).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at OUT.")
+def bundle_cmd(run: Path, target: str, out: Path, archive: bool, data: Path | None, golden: int,
+               allow_failed: bool, force: bool) -> None:
+    """Pack RUN/<target>/'s artifact, a golden set and a manifest into a bundle for the device."""
+    from .bundle import write_bundle
+
+    result = write_bundle(run, target, out, data=data, golden=golden, archive=archive, allow_failed=allow_failed,
+                          force=force)
+    m = result.manifest
+    size = sum(f["bytes"] for f in m["files"].values())
+    parity = m["parity"]["passed"]
+    _table(f"bundle {result.folder}", ["field", "value"], [
+        ["target", f"{m['target']['name']} ({m['backend']}, {m['precision']})"],
+        ["artifact", f"{m['artifact']['kind']}: {', '.join(m['artifact']['files'])}"],
+        ["golden set", f"{m['golden']['count']} images, expected outputs from {m['golden']['expected_from']}"],
+        ["parity at bundle time", {True: "passed", False: "FAILED (--allow-failed)", None: "not validated"}[parity]],
+        ["files", f"{len(m['files']) + 1} ({size / 1e6:.1f} MB)"],
+        ["digest (manifest sha256)", result.digest]] + ([["archive", str(result.archive)]] if result.archive else []))
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--expect", default=None, help="The bundle digest you expect (printed by `bundle`).")
+@click.option("--hashes-only", is_flag=True, help="Check the files' sha256 only, not the golden set.")
+def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool) -> None:
+    """Check every file of BUNDLE (folder or .tar.gz) against its sha256 (exit 4), then its golden set on
+    this device's backend (exit 1 beyond the target's tolerances)."""
+    from .bundle import verify_bundle
+
+    result = verify_bundle(bundle, expect=expect, hashes_only=hashes_only)
+    rows = [["files", f"{result.files} match their sha256 ({result.bytes_hashed / 1e6:.1f} MB)", "pass"]]
+    g = result.golden
+    if g is not None:
+        rows.append([f"golden set ({g.samples} images)", f"agreement {g.agreement:.4f}, max |Δ| {g.max_abs_diff:.2e}, "
+                     f"min cosine {g.min_cosine:.6f}; ran {g.candidate.precision}",
+                     "pass" if g.passed else "FAIL: " + "; ".join(g.failures)])
+    _table(f"verify {bundle} (digest {result.manifest['manifest_sha256'][:16]}…)", ["check", "result", "gate"], rows)
+    for note in result.notes:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    if not result.passed:
+        sys.exit(1)
+
+
+@main.command("infer")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("source")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after N frames (cameras run until then).")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, help="Video: keep one frame in N.")
+def infer_cmd(bundle: Path, source: str, max_frames: int | None, every: int) -> None:
+    """Predict on SOURCE (image, folder, video file, or camera:N): JSON lines on stdout, a summary on stderr."""
+    import json
+
+    from .runtime import open_bundle
+    from .runtime.infer import InferSummary, infer_frames
+    from .runtime.sources import iter_frames
+
+    summary = InferSummary()
+    with open_bundle(bundle) as model:
+        for record in infer_frames(model, iter_frames(source, max_frames=max_frames, every=every), summary):
+            click.echo(json.dumps(record))
+    s = summary.to_dict()
+    _table(f"infer summary ({model.manifest['target']['name']}, {model.precision})", ["metric", "value"],
+           [[k.replace("_", " "), v if not isinstance(v, dict) else ", ".join(f"{c} {n}" for c, n in v.items())]
+            for k, v in s.items()], err=True)
+    if summary.errors:
+        sys.exit(2)
+
+
+@main.command("bench")
+@click.argument("subject", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="With a RUN folder: the target whose compiled artifact to time.")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True,
+              help="Batch sizes (repeatable; default: the target's min, opt and max).")
+@click.option("--iterations", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Per batch size.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+def bench_cmd(subject: Path, target: str | None, batches: tuple[int, ...], iterations: int, min_seconds: float,
+              json_out: Path | None) -> None:
+    """Latency p50/p90/p99 and throughput of a BUNDLE, or of RUN --target NAME's compiled artifact."""
+    from .bench import bench_bundle, bench_run
+    from .fsutil import write_json
+
+    kw = dict(batches=list(batches) or None, iterations=iterations, min_seconds=min_seconds)
+    report = bench_run(str(subject), target, **kw) if target else bench_bundle(str(subject), **kw)
+    click.echo(f"{report.subject}: {report.backend}, ran {report.precision}"
+               + (f"; cold start (open + first prediction) {report.cold_start_ms:.0f} ms"
+                  if report.cold_start_ms is not None else ""))
+    _table("latency after warm-up", ["batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "iterations"],
+           [[r.batch, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.images_per_s:.1f}", r.iterations]
+            for r in report.results])
+    if json_out is not None:
+        write_json(json_out, report.to_dict())
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--quick", is_flag=True, help="Smallest settings (a smoke test, not a meaningful comparison).")
@@ -344,8 +449,14 @@ def demo(out: Path, quick: bool) -> None:
            [[r["name"], r["pretraining"], r["train_images"], f"{r['test_accuracy']:.4f}"] for r in result["models"]])
     _print_parity(result["parity"])
     _print_targets([t for t in result["targets"] if t["passed"] is not None])
+    if (b := result["bundle"]) is not None:
+        _table(f"shipped {b['archive']}: verify {'passed' if b['verify_passed'] else 'FAILED'} (golden agreement "
+               f"{b['golden_agreement']}), parity at bundle time {'passed' if b['parity_passed'] else 'FAILED'}; "
+               "`edgetransfer infer` on test images", ["image", "class", "score", "latency"],
+               [[p["image"], p["class"], f"{p['score']:.3f}", f"{p['latency_ms']:.2f} ms"] for p in b["predictions"]])
     click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}  ({result['seconds']:.0f} s)")
-    if not result["parity"].passed or not all(t["passed"] for t in result["targets"] if t["passed"] is not None):
+    if not result["parity"].passed or not all(t["passed"] for t in result["targets"] if t["passed"] is not None) \
+            or (b is not None and not b["verify_passed"]):
         sys.exit(1)
 
 

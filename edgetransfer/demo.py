@@ -40,6 +40,8 @@ class DemoConfig:
     target_test_per_class: int = 40
     target_epochs: int = 10
     targets: tuple[str, ...] = ("intel-cpu", "x86-onnxruntime")
+    ship: str = "intel-cpu"          # the target bundled, verified and run through the device runtime
+    ship_images: int = 5
     calibration: str = "default"
     seed: int = 0
 
@@ -87,6 +89,8 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     onnx_path = export_onnx(adapted.run)
     report = validate(adapted.run)
     deployed = [deploy_target(adapted.run, t, calib=cfg.calibration) for t in cfg.targets]
+    shipped = [_ship(adapted.run, cfg.ship, out / f"bundle-{cfg.ship}", target_data / "test", cfg.ship_images)
+               for row in deployed if row["target"] == cfg.ship and row["passed"] is not None]
     train_images = cfg.target_per_class * 5
     models = [
         {"name": "transfer, features (frozen)", "pretraining": "source task", "run": str(features.run),
@@ -99,10 +103,31 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     seconds = time.perf_counter() - t0
     summary = {"config": asdict(cfg), "source_val_accuracy": source.meta.metrics.get("val_accuracy"),
                "models": models, "exported": str(adapted.run), "onnx": str(onnx_path),
-               "parity_passed": report.passed, "targets": deployed, "seconds": round(seconds, 1)}
+               "parity_passed": report.passed, "targets": deployed, "bundle": shipped[0] if shipped else None,
+               "seconds": round(seconds, 1)}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _summary_markdown(summary))
     return {**summary, "parity": report, "report": str(adapted.run / "parity.md")}
+
+
+def _ship(run: Path, target: str, out: Path, images: Path, count: int) -> dict[str, Any]:
+    """Bundle the target, verify the bundle and run the device runtime on one test image per class.
+
+    The demo's INT8 gates may fail (see the README), so it bundles with `allow_failed`: the manifest
+    records the failure and `verify` repeats it; a real deployment would stop at the failed gate.
+    """
+    from .bundle import verify_bundle, write_bundle
+    from .runtime import open_bundle
+
+    log.info("shipping %s: bundle → verify → infer on %d test images", target, count)
+    result = write_bundle(run, target, out, archive=True, allow_failed=True, force=True)
+    check = verify_bundle(result.archive or result.folder)
+    chosen = [min(d.glob("*.png")) for d in sorted(images.iterdir()) if d.is_dir() and any(d.glob("*.png"))][:count]
+    with open_bundle(result.archive or result.folder) as model:
+        predictions = [{"image": p.relative_to(images).as_posix(), **model.predict(p).to_dict()} for p in chosen]
+    return {"folder": str(result.folder), "archive": str(result.archive), "digest": result.digest,
+            "parity_passed": result.manifest["parity"]["passed"], "verify_passed": check.passed,
+            "golden_agreement": check.golden.agreement if check.golden else None, "predictions": predictions}
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -115,6 +140,12 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
               f"| {t['target']} | {t['precision']} | {t['fp32_accuracy']:.4f} | {t['accuracy']:.4f} | "
               f"{t['agreement']:.4f} | {t['latency_ms']:.2f} ms | {'pass' if t['passed'] else 'FAIL'} |"
               for t in summary["targets"]]
+    if (b := summary.get("bundle")) is not None:
+        lines += ["", f"Bundle `{b['archive']}` (digest `{b['digest'][:16]}…`): parity at bundle time "
+                      f"{'passed' if b['parity_passed'] else 'FAILED (recorded in the manifest)'}, verify "
+                      f"{'passed' if b['verify_passed'] else 'FAILED'}", "",
+                  "| image | class | score |", "|---|---|---:|"]
+        lines += [f"| {p['image']} | {p['class']} | {p['score']:.3f} |" for p in b["predictions"]]
     lines += ["", f"Exported and validated: `{summary['onnx']}` — parity {'passed' if summary['parity_passed'] else 'FAILED'}",
               f"Wall time: {summary['seconds']} s"]
     return "\n".join(lines) + "\n"

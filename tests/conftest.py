@@ -73,3 +73,40 @@ def run_copy(exported_run, tmp_path) -> Path:
     for name in ("meta.json", "model.safetensors", "model.onnx", "train_config.json", "split.json"):
         shutil.copy2(exported_run / name, dst / name)
     return dst
+
+
+#: targets the shared shipped run is compiled and validated for (OpenVINO and ONNX Runtime)
+SHIPPED_TARGETS = ("intel-cpu", "x86-onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def shipped_run(exported_run, tmp_path_factory) -> Path:
+    """A copy of the shared run quantized (quick calibration), compiled and validated for
+    SHIPPED_TARGETS, and quantized for jetson-orin-nano (whose engine is built on the device).
+    Tests must not modify it: bundle it, or copy it first."""
+    from edgetransfer.stages import compile_run, quantize_run
+    from edgetransfer.validate import validate
+
+    run = tmp_path_factory.mktemp("shipped") / "run"
+    run.mkdir()
+    for name in ("meta.json", "model.safetensors", "model.onnx", "train_config.json", "split.json"):
+        shutil.copy2(exported_run / name, run / name)
+    for target in SHIPPED_TARGETS:
+        quantize_run(run, target, calib="quick")
+        compile_run(run, target)
+        validate(run, target=target)
+    quantize_run(run, "jetson-orin-nano", calib="quick")
+    return run
+
+
+@pytest.fixture(scope="session")
+def bundles(shipped_run, tmp_path_factory) -> dict[str, Path]:
+    """A bundle folder per shipped target, plus an archive (`<target>.tar.gz`). Read-only: copy to modify."""
+    from edgetransfer.bundle import write_bundle
+
+    out = tmp_path_factory.mktemp("bundles")
+    made = {}
+    for target in SHIPPED_TARGETS:
+        result = write_bundle(shipped_run, target, out / target, archive=True, allow_failed=True)
+        made[target], made[f"{target}.tar.gz"] = result.folder, result.archive
+    return made

@@ -91,3 +91,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (exported / "model.onnx").exists() and (exported / "parity.md").exists()
     parity = json.loads((exported / "parity.json").read_text())
     assert parity["passed"] is True
+    # the demo ends on the device side: bundle, verify, infer
+    bundle = summary["bundle"]
+    assert bundle["verify_passed"] is True and bundle["golden_agreement"] == 1.0
+    assert (out / "bundle-intel-cpu" / "manifest.json").exists() and (out / "bundle-intel-cpu.tar.gz").exists()
+    assert len(bundle["predictions"]) == 5 and {p["class"] for p in bundle["predictions"]} <= set(parity["classes"])
+    assert "shipped" in text and bundle["digest"] and "verify passed" in text

@@ -67,3 +67,11 @@ class Backend(abc.ABC):
         """Where `compile` cannot run here, write what the device needs to compile there into `out`
         and return its record's path (None: this backend has no such kit)."""
         return None
+
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        """Every file that makes up the compiled `artifact` (which `compile` returned).
+
+        Bundling asks the backend, so that a bundle carries weights and sidecars it does not know
+        about (OpenVINO's .bin next to the .xml, ONNX Runtime's session options).
+        """
+        return [Path(artifact)]

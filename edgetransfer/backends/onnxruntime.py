@@ -106,6 +106,13 @@ class OnnxRuntimeBackend(Backend):
         })
         return final
 
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        """model.onnx and, when `compile` wrote it, session.json (the session options it runs with)."""
+        path = Path(artifact)
+        path = path / MODEL_FILE if path.is_dir() else path
+        session = path.parent / SESSION_JSON
+        return [path, session] if session.is_file() else [path]
+
     def load(self, artifact: Path, target: Any = None) -> Runner:
         path = Path(artifact)
         if path.is_dir():

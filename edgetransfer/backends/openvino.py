@@ -372,6 +372,15 @@ class OpenVinoBackend(Backend):
                 "batch_min": hi if static else lo, "batch_max": hi,
                 "element_type": str(port.get_element_type().get_type_name())}
 
+    def artifact_files(self, artifact: Path) -> list[Path]:
+        """model.xml, its model.bin, and compile.json (device, threads and batch range) when present."""
+        xml = Path(artifact)
+        xml = xml / XML_FILE if xml.is_dir() else xml
+        files = [xml, xml.with_suffix(".bin")]
+        if (xml.parent / COMPILE_JSON).is_file():
+            files.append(xml.parent / COMPILE_JSON)
+        return files
+
     def load(self, artifact: Path, target: Any = None) -> OpenVinoRunner:
         """A runner for `artifact` (model.xml, or the folder holding it) on the target's device."""
         xml = Path(artifact)

@@ -1,0 +1,575 @@
+"""Deployment bundles: write one from a run, verify one on the device, open archives safely.
+
+A bundle is what leaves the workstation: the compiled artifact (or TensorRT's on-device build kit),
+a small golden set (preprocessed held-out inputs and the outputs the artifact produced for them at
+bundle time) and `manifest.json`, which holds the sha256 of every other file, the input spec, the
+class list, the target profile, the toolchain, the parity result and how the model was trained.
+
+Layout (every path in the manifest is relative to the bundle folder)::
+
+    manifest.json
+    model/   the backend's artifact files (Backend.artifact_files), or the build kit's files
+    golden/  inputs.npy, expected.npy, reference.npy, labels.npy (never pickles)
+
+The manifest is written in one canonical JSON form and carries the sha256 of that form
+(`manifest_sha256`), so an edited or corrupted manifest is caught like any other file. That digest
+is the bundle's identity: it covers every file through their hashes. It catches corruption and
+edits; against someone who rewrites the digest too, pin it (`verify --expect DIGEST`).
+
+This module's reading side (manifest, files, archives, golden set) imports no torch: the device
+runtime uses it. The writing side imports the workstation stages only inside `write_bundle`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DependencyError, GateFailed, IntegrityError, UsageError
+from .fsutil import atomic_path, sha256_file
+from .parity import PairReport, Side, compare
+from .spec import InputSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+KIND = "edgetransfer-bundle"
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+GOLDEN_DIR = "golden"
+KIT_FILE = "kit.json"
+DEFAULT_GOLDEN = 32
+
+#: archive bounds: a bundle is a model plus a few dozen inputs, never gigabytes of small files
+MAX_MEMBERS = 1000
+MAX_BYTES = 2 * 1024**3
+
+_REQUIRED = ("schema", "kind", "target", "backend", "precision", "artifact", "classes", "input_spec", "files",
+             "golden", "manifest_sha256")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+# ---- manifest --------------------------------------------------------------------------------
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in body.items() if k != "manifest_sha256"})).hexdigest()
+
+
+def manifest_bytes(body: dict[str, Any]) -> bytes:
+    """The manifest file's exact bytes: canonical JSON that includes the digest of the rest."""
+    return _canonical({**body, "manifest_sha256": _digest(body)})
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Parse and check `folder/manifest.json`: canonical form, self-digest, schema, required keys.
+
+    Exit 4 (IntegrityError) for anything that was not written by `write_bundle` as it is now,
+    including a manifest from a newer schema than this edgetransfer reads.
+    """
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise UsageError("no such bundle folder or archive", path=folder)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise IntegrityError("no manifest.json: not an edgetransfer bundle", path=folder) from exc
+    try:
+        data = json.loads(raw.decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"not valid JSON ({exc})", path=path) from exc
+    if not isinstance(data, dict):
+        raise IntegrityError("expected a JSON object", path=path)
+    schema = data.get("schema")
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise IntegrityError(f"schema must be a positive integer, got {schema!r}", path=path, field="schema")
+    if schema > SCHEMA:
+        raise IntegrityError(f"bundle schema {schema} is newer than this edgetransfer reads ({SCHEMA}); "
+                             "upgrade edgetransfer on the device", path=path, field="schema")
+    if data.get("kind") != KIND:
+        raise IntegrityError(f"kind is {data.get('kind')!r}, expected {KIND!r}", path=path, field="kind")
+    for key in _REQUIRED:
+        if key not in data:
+            raise IntegrityError("missing required key", path=path, field=key)
+    if _canonical(data) != raw:
+        raise IntegrityError("not in the canonical form edgetransfer writes: edited after bundling", path=path)
+    if _digest(data) != data["manifest_sha256"]:
+        raise IntegrityError("manifest content does not match its manifest_sha256: edited after bundling",
+                             path=path, field="manifest_sha256")
+    files = data["files"]
+    if not isinstance(files, dict) or not files:
+        raise IntegrityError("must map file names to their sha256", path=path, field="files")
+    for name, entry in files.items():
+        if (reason := unsafe_name(name)) is not None:
+            raise IntegrityError(f"file name {name!r}: {reason}", path=path, field="files")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+            raise IntegrityError(f"entry for {name!r} needs sha256 and bytes", path=path, field="files")
+    artifact, golden = data["artifact"], data["golden"]
+    named = {"artifact.path": [artifact.get("path")], "artifact.files": artifact.get("files") or [None],
+             "golden": [golden.get(k) for k in ("inputs", "expected")]}
+    for where, names in named.items():  # everything the runtime opens is a file whose hash is checked
+        for name in names:
+            if name not in files:
+                raise IntegrityError(f"{name!r} is not one of the bundle's hashed files", path=path, field=where)
+    return data
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why `name` cannot be a path inside a bundle (None if it can): relative POSIX names only."""
+    if not isinstance(name, str) or not name:
+        return "empty name"
+    if "\x00" in name or "\\" in name:
+        return "NUL or backslash in the name"
+    if name.startswith("/") or _DRIVE.match(name):
+        return "absolute path"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "'..', '.' or empty path component"
+    return None
+
+
+def check_files(folder: str | Path, manifest: dict[str, Any], names: list[str] | None = None) -> int:
+    """Compare the folder's files with the manifest (no extra, none missing) and check each sha256.
+
+    With `names`, hash only those (the runtime checks what it loads; `verify` checks everything).
+    Returns the number of bytes hashed. Exit 4 naming the first file that does not match.
+    """
+    folder = Path(folder)
+    expected = set(manifest["files"]) | {MANIFEST}
+    present: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                raise IntegrityError("not a regular file (link, device or fifo) inside the bundle", path=path)
+            if path.is_file():
+                present.add(rel)
+    if extra := sorted(present - expected):
+        raise IntegrityError(f"files not listed in the manifest: {', '.join(extra)}", path=folder / MANIFEST)
+    if missing := sorted(expected - present):
+        raise IntegrityError(f"files listed in the manifest are missing: {', '.join(missing)}", path=folder)
+    hashed = 0
+    for name in sorted(manifest["files"]) if names is None else names:
+        entry = manifest["files"][name]
+        path = folder / name
+        size = path.stat().st_size
+        if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise IntegrityError(f"sha256 does not match the manifest ({size} bytes, manifest says "
+                                 f"{entry['bytes']}): tampered with or corrupted", path=path)
+        hashed += size
+    return hashed
+
+
+# ---- archives --------------------------------------------------------------------------------
+
+def _check_members(members: list[tarfile.TarInfo], archive: Path, max_members: int, max_bytes: int) -> None:
+    if len(members) > max_members:
+        raise IntegrityError(f"{len(members)} members; a bundle archive holds at most {max_members}", path=archive)
+    seen: set[str] = set()
+    total = 0
+    for m in members:
+        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            kind = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.DIRTYPE: "directory",
+                    tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+                    tarfile.FIFOTYPE: "fifo"}.get(m.type, f"type {m.type!r}")
+            raise IntegrityError(f"member {m.name!r} is a {kind}; bundle archives hold regular files only",
+                                 path=archive)
+        if (reason := unsafe_name(m.name)) is not None:
+            raise IntegrityError(f"member {m.name!r}: {reason}", path=archive)
+        key = m.name.casefold()
+        if key in seen:
+            raise IntegrityError(f"member {m.name!r} appears twice", path=archive)
+        seen.add(key)
+        total += m.size
+        if total > max_bytes:
+            raise IntegrityError(f"members add up to more than {max_bytes} bytes", path=archive)
+
+
+def _gzip_bytes(archive: Path, max_bytes: int) -> int:
+    """Decompress the whole stream once, counting real bytes, so a gzip bomb stops at the bound."""
+    total = 0
+    try:
+        with gzip.open(archive, "rb") as fh:
+            while block := fh.read(1 << 20):
+                total += len(block)
+                if total > max_bytes + (1 << 20):  # tar headers and padding on top of the members
+                    raise IntegrityError(f"decompresses to more than {max_bytes} bytes", path=archive)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise IntegrityError(f"not a readable gzip-compressed tar archive ({exc})", path=archive) from exc
+    return total
+
+
+def extract_archive(archive: str | Path, dest: str | Path, *, max_members: int = MAX_MEMBERS,
+                    max_bytes: int = MAX_BYTES) -> Path:
+    """Extract a bundle archive into `dest` (which must not exist) and return it.
+
+    Every member is checked before a byte is written: regular files only (no links, devices, fifos
+    or directories), relative names without '..', duplicates or drive letters, a bounded member
+    count and size, and a bounded decompressed size counted on the real stream. Extraction then
+    uses tarfile's "data" filter as a second line, into a temporary sibling renamed into place.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise UsageError("no such bundle archive", path=archive)
+    if dest.exists():
+        raise UsageError("destination exists; extract into a new folder", path=dest)
+    _gzip_bytes(archive, max_bytes)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            _check_members(members, archive, max_members, max_bytes)
+            tar.extractall(tmp, members=members, filter="data")
+        os.replace(tmp, dest)
+    except tarfile.TarError as exc:
+        raise IntegrityError(f"unreadable or unsafe tar archive ({exc})", path=archive) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+@contextlib.contextmanager
+def bundle_folder(path: str | Path) -> Iterator[Path]:
+    """A bundle folder for `path`: the folder itself, or an archive safely extracted to a temporary one."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.exists():
+        raise UsageError("no such bundle folder or archive", path=path)
+    with tempfile.TemporaryDirectory(prefix="edgetransfer-bundle-") as tmp:
+        yield extract_archive(path, Path(tmp) / "bundle")
+
+
+def _write_archive(folder: Path, final: Path, names: list[str], mtime: int) -> None:
+    """A reproducible .tar.gz of `names` (sorted, fixed owner and mode), written atomically."""
+    with atomic_path(final) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=mtime) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(names):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = (folder / name).stat().st_size, mtime, 0o644
+            with open(folder / name, "rb") as fh:
+                tar.addfile(info, fh)
+
+
+# ---- golden set ------------------------------------------------------------------------------
+
+def load_array(path: Path) -> np.ndarray:
+    """A .npy file, never a pickle."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise IntegrityError(f"not a plain .npy array ({exc})", path=path) from exc
+
+
+def run_batches(runner: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """Logits for `x` in chunks of `batch`: the same chunks at bundle time and at verify time."""
+    return np.concatenate([runner.infer(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def build_target(manifest: dict[str, Any]) -> Any:
+    """The target profile the bundle was made for, from the copy in its manifest."""
+    from .schema import from_dict
+    from .targets import Target
+
+    return from_dict(Target, manifest["target"], source=MANIFEST)
+
+
+def ran_precision(runner: Any, manifest: dict[str, Any]) -> str:
+    """What the runner says it ran; where it cannot tell here (no `onnx` package on the device), what
+    the same artifact ran as at bundle time."""
+    if runner.precision.startswith("unknown") and manifest.get("ran_as"):
+        return f"{manifest['ran_as']} (as at bundle time)"
+    return runner.precision
+
+
+def kit_instructions(manifest: dict[str, Any]) -> str:
+    kit = manifest["artifact"]
+    return (f"no engine in this bundle (a {kit.get('backend_label', manifest['backend'])} build kit); build it on "
+            f"the device with `{kit.get('build_command', 'see model/BUILD_ON_DEVICE.md')}`")
+
+
+@dataclass
+class VerifyResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    files: int
+    bytes_hashed: int
+    golden: PairReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Every check that ran passed (with `hashes_only`, the golden set did not run)."""
+        return self.golden is None or self.golden.passed
+
+
+def verify_bundle(path: str | Path, *, expect: str | None = None, hashes_only: bool = False) -> VerifyResult:
+    """Check every file's sha256, then run the golden set on this device's backend.
+
+    Exit codes through the raised errors: 4 for a file that does not match (or an unsafe archive),
+    3 when the backend is absent here or the bundle holds a build kit instead of an engine. Golden
+    outputs beyond the target's compiler tolerances are returned (`passed` false): the CLI exits 1.
+    """
+    with bundle_folder(path) as folder:
+        manifest = read_manifest(folder)
+        if expect is not None and expect != manifest["manifest_sha256"]:
+            raise IntegrityError(f"bundle digest {manifest['manifest_sha256']} is not the expected {expect}",
+                                 path=Path(folder) / MANIFEST, field="manifest_sha256")
+        hashed = check_files(folder, manifest)
+        result = VerifyResult(bundle=Path(path), manifest=manifest, files=len(manifest["files"]), bytes_hashed=hashed)
+        parity = manifest.get("parity") or {}
+        if parity.get("passed") is False:
+            result.notes.append("shipped although parity FAILED at bundle time: " + "; ".join(parity.get("failures", [])))
+        if hashes_only:
+            return result
+        if manifest["artifact"]["kind"] != "compiled":
+            raise DependencyError(f"all {result.files} files match their sha256; " + kit_instructions(manifest))
+        result.golden = _check_golden(folder, manifest)
+        return result
+
+
+def _check_golden(folder: Path, manifest: dict[str, Any]) -> PairReport:
+    from .backends import get_backend
+
+    golden = manifest["golden"]
+    spec = InputSpec.from_dict(manifest["input_spec"], source=MANIFEST)
+    x = load_array(folder / golden["inputs"])
+    expected = load_array(folder / golden["expected"])
+    labels = load_array(folder / golden["labels"]) if golden.get("labels") else None
+    want = (len(x), 3, spec.height, spec.width)
+    if x.shape != want or x.dtype != np.float32:
+        raise IntegrityError(f"golden inputs are {x.dtype}{list(x.shape)}, expected float32{list(want)}",
+                             path=folder / golden["inputs"])
+    target = build_target(manifest)
+    backend = get_backend(manifest["backend"])
+    with backend.load(folder / manifest["artifact"]["path"], target) as runner:
+        got = run_batches(runner, x, int(golden["batch"]))
+        here = Side(f"{runner.description} on this device", ran_precision(runner, manifest))
+    gates = target.gates.compiler.gates()
+    return compare("golden set: bundle time vs this device", Side(golden["expected_from"], manifest.get("ran_as") or
+                                                                   manifest["precision"]),
+                   here, expected, got, labels, gates)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+@dataclass
+class BundleResult:
+    folder: Path
+    archive: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["manifest_sha256"]
+
+
+def _versions(*dists: str) -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in dists:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def _golden_samples(samples: list[Any], n: int) -> list[Any]:
+    """Up to `n` samples, round-robin over classes (so every class the held-out set has is in)."""
+    by_class: dict[int, list[Any]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    queues = [list(v) for _, v in sorted(by_class.items())]
+    chosen: list[Any] = []
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    return chosen
+
+
+def _parity_record(path: Path, artifact_record: Path, allow_failed: bool) -> dict[str, Any]:
+    """What validate said about this artifact; refuses a missing, stale or (without allow_failed) failed one."""
+    if not path.exists():
+        raise UsageError(f"not validated; run `edgetransfer validate RUN --target {path.parent.name}` first", path=path)
+    if path.stat().st_mtime < artifact_record.stat().st_mtime:
+        raise UsageError("older than the compiled artifact; validate again before bundling", path=path)
+    report = json.loads(path.read_text(encoding="utf-8"))
+    failures = [f"{p['pair']}: {f}" for p in report["pairs"] for f in p.get("failures", [])]
+    if not report["passed"] and not allow_failed:
+        raise GateFailed("parity failed for this target (" + "; ".join(failures) + "); fix it, or bundle anyway "
+                         "with --allow-failed (the manifest then records the failure)", path=path)
+    return {"passed": report["passed"], "allowed_failed": not report["passed"], "failures": failures,
+            "summary": report.get("summary", {}), "latency": report.get("latency"),
+            "pairs": [{k: p.get(k) for k in ("pair", "passed", "agreement", "max_abs_diff", "min_cosine",
+                                              "reference_accuracy", "candidate_accuracy", "samples")}
+                      for p in report["pairs"]]}
+
+
+def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | Path | None = None,
+                 golden: int = DEFAULT_GOLDEN, archive: bool = False, allow_failed: bool = False,
+                 force: bool = False) -> BundleResult:
+    """Pack RUN/<target>/'s artifact (or build kit), a golden set and the manifest into folder `out`.
+
+    The folder is assembled in a temporary sibling, checked like `verify` checks it, and renamed into
+    place: `out` is either a complete bundle or absent. With `archive`, `out.tar.gz` is written too.
+    A target whose parity failed is refused (exit 1) unless `allow_failed`; then the manifest says so.
+    """
+    from .backends import get_backend
+    from .schema import to_dict
+    from .spec import RunMeta
+    from .stages import COMPILED_FILE, as_target, compiled_artifact, compiled_input, iter_batches, target_backend, \
+        target_dir
+    from .validate import held_out_samples
+
+    run, out, tgt = Path(run), Path(out), as_target(target)
+    if golden < 1:
+        raise UsageError("the golden set needs at least one image", field="golden")
+    if out.exists() and not force:
+        raise UsageError("exists; choose another --out or pass --force to replace it", path=out)
+    meta = RunMeta.load(run / "meta.json")
+    tdir = target_dir(run, tgt)
+    kit_path = tdir / KIT_FILE
+    if (tdir / COMPILED_FILE).exists():
+        kind = "compiled"
+        backend = target_backend(tgt)
+        artifact = compiled_artifact(run, tgt)
+        sources = [Path(p) for p in backend.artifact_files(artifact)]
+        parity = _parity_record(tdir / "parity.json", tdir / COMPILED_FILE, allow_failed)
+        artifact_info: dict[str, Any] = {"kind": kind, "path": f"{MODEL_DIR}/{artifact.name}"}
+    elif kit_path.exists():
+        kind = "build-kit"
+        kit = json.loads(kit_path.read_text(encoding="utf-8"))
+        for name in kit.get("files", []):
+            if (reason := unsafe_name(name)) is not None:
+                raise UsageError(f"file {name!r}: {reason}", path=kit_path, field="files")
+        sources = list(dict.fromkeys([kit_path] + [tdir / name for name in kit.get("files", [])]))
+        parity = {"passed": None, "note": "not validated here: the engine is built and checked on the device"}
+        artifact_info = {"kind": kind, "path": f"{MODEL_DIR}/{KIT_FILE}", "backend_label": kit.get("backend", tgt.backend),
+                         "build_command": kit.get("build_command", f"bash {MODEL_DIR}/build_engine.sh")}
+    else:
+        raise UsageError(f"nothing to bundle: no {COMPILED_FILE} or {KIT_FILE}; run `edgetransfer compile {run} "
+                         f"--target {tgt.name}` first", path=tdir)
+    for src in sources:
+        if not src.is_file():
+            raise UsageError("artifact file missing; compile again", path=src)
+
+    samples, source = held_out_samples(meta, data)
+    chosen = _golden_samples(samples, golden)
+    if not chosen:
+        raise UsageError("no held-out images for the golden set", path=source)
+    spec = meta.input_spec
+    batch = min(tgt.batch.max, len(chosen))
+    x, labels = (np.concatenate(a) for a in zip(*iter_batches(chosen, spec, batch, description="golden set")))
+    reference_onnx = compiled_input(run, tgt)  # the QDQ model for INT8 targets, else the fp32 export
+    with get_backend("onnxruntime").load(reference_onnx) as ref:
+        reference = run_batches(ref, x, batch)
+        reference_from = f"{reference_onnx.name} in onnxruntime {metadata.version('onnxruntime')}"
+    ran_as = None
+    if kind == "compiled":
+        with backend.load(artifact, tgt) as runner:
+            expected = run_batches(runner, x, batch)
+            expected_from, ran_as = f"{runner.description} ({runner.precision}) at bundle time", runner.precision
+    else:
+        expected, expected_from = reference, reference_from
+
+    created = int(time.time())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle into place
+        (tmp / MODEL_DIR).mkdir()
+        (tmp / GOLDEN_DIR).mkdir()
+        names = []
+        for src in sources:
+            rel = src.relative_to(tdir).as_posix() if src.is_relative_to(tdir) else src.name
+            dst = tmp / MODEL_DIR / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            names.append(f"{MODEL_DIR}/{rel}")
+        arrays = {"inputs": x.astype(np.float32), "expected": expected.astype(np.float32),
+                  "reference": reference.astype(np.float32), "labels": labels.astype(np.int64)}
+        for key, arr in arrays.items():
+            np.save(tmp / GOLDEN_DIR / f"{key}.npy", arr, allow_pickle=False)
+            names.append(f"{GOLDEN_DIR}/{key}.npy")
+        artifact_info["files"] = [n for n in names if n.startswith(MODEL_DIR + "/")]
+        agreement = float((expected.argmax(1) == reference.argmax(1)).mean())
+        body = {
+            "schema": SCHEMA, "kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+            "target": to_dict(tgt), "backend": tgt.backend, "precision": tgt.precision, "ran_as": ran_as,
+            "artifact": artifact_info, "classes": list(meta.classes), "input_spec": spec.to_dict(),
+            "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in sorted(names)},
+            "toolchain": _versions("edgetransfer", "numpy", "pillow", "onnxruntime", "openvino", "nncf", "onnx",
+                                   "torch", "torchvision", "tensorrt"),
+            "parity": parity,
+            "quantization": _quantization_record(tdir / "quantization.json"),
+            "training": {"backbone": meta.backbone, "weights": meta.weights, "mode": meta.mode,
+                         "data_hash": meta.data.get("hash"), "classes": list(meta.classes),
+                         "metrics": {k: v for k, v in meta.metrics.items() if isinstance(v, (int, float, str))}},
+            "golden": {"inputs": f"{GOLDEN_DIR}/inputs.npy", "expected": f"{GOLDEN_DIR}/expected.npy",
+                       "reference": f"{GOLDEN_DIR}/reference.npy", "labels": f"{GOLDEN_DIR}/labels.npy",
+                       "count": len(chosen), "batch": batch, "source": str(source),
+                       "images": [f"{s.path.parent.name}/{s.path.name}" for s in chosen], "expected_from": expected_from,
+                       "reference_from": reference_from, "agreement_with_reference": agreement,
+                       "gates": to_dict(tgt.gates.compiler)},
+        }
+        (tmp / MANIFEST).write_bytes(manifest_bytes(body))
+        manifest = read_manifest(tmp)
+        check_files(tmp, manifest)  # what we wrote verifies before it takes the final name
+        archive_path = Path(f"{out}.tar.gz") if archive else None
+        if archive_path is not None:
+            _write_archive(tmp, archive_path, [MANIFEST, *names], created)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if parity.get("passed") is False:
+        log.warning("WARNING: %s was bundled although its parity FAILED (%s); the manifest records it",
+                    tgt.name, "; ".join(parity["failures"]))
+    return BundleResult(folder=out, archive=archive_path, manifest=manifest)
+
+
+def _quantization_record(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    q = json.loads(path.read_text(encoding="utf-8"))
+    return {k: q.get(k) for k in ("quantizer", "fp32_val_accuracy", "int8_val_accuracy", "drop", "within_budget",
+                                  "excluded_layers")}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place; an old bundle there is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / "bundle")
+    with open(tmp / MANIFEST, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["BundleResult", "VerifyResult", "bundle_folder", "check_files", "extract_archive", "read_manifest",
+           "verify_bundle", "write_bundle"]
