@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -66,14 +67,17 @@ def _fail(ctx: click.Context, exc: BaseException, message: str, code: int) -> No
 
 
 def _log_traceback(run: Path | None, exc: BaseException) -> Path | None:
-    """Append the traceback to RUN/edgetransfer.log when the run folder exists; never fail doing so."""
+    """Append the traceback to RUN/edgetransfer.log (or the user's cache when there is no run folder yet);
+    never fail doing so."""
     import datetime
     import traceback
 
-    if run is None or not Path(run).is_dir():
-        return None
-    path = Path(run) / "edgetransfer.log"
+    if run is not None and any((Path(run) / f).exists() for f in ("meta.json", "train_config.json")):
+        path = Path(run) / "edgetransfer.log"
+    else:  # not (yet) a run folder: never write into a folder the toolkit did not make
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetransfer" / "edgetransfer.log"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
             fh.write("".join(traceback.format_exception(exc)))

@@ -380,7 +380,9 @@ def test_validate_refuses_an_engine_built_elsewhere_before_loading_it(jetson_run
     assert not (out / "parity.json").exists()
 
     quantized = out / INT8_FILE  # a re-quantized model makes the engine stale: exit 2, recompile
-    quantized.write_bytes(quantized.read_bytes() + b" ")
+    model = onnx.load(str(quantized))
+    helper.set_model_props(model, {"requantized": "yes"})
+    onnx.save(model, str(quantized))
     result = CliRunner().invoke(main, ["validate", str(run), "--target", "jetson-orin-nano"])
     assert result.exit_code == 2 and "compiled from an earlier model.int8.onnx" in result.output.replace("\n", "")
 
