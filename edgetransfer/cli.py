@@ -6,6 +6,7 @@ No logic lives here beyond mapping flags onto the Python API and errors onto DES
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,6 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging(verbose: bool) -> None:
-    import os
-
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("edgetransfer")
@@ -134,8 +133,6 @@ def _launch_torchrun(ctx: click.Context, data: Path, out: Path, config: Any, res
     The usage checks torchrun's workers would make run here first, so a bad --out or --device still
     exits 2 instead of surfacing as a failed worker (torchrun itself exits 1 when any worker fails).
     """
-    import os
-
     from .adapt.distributed import pick_device, torchrun_command, under_torchrun
     from .adapt.train import check_run_folder
     from .errors import UsageError

@@ -145,3 +145,23 @@ def test_nproc_refuses_bad_usage_before_starting_torchrun(colour_data, tmp_path,
         monkeypatch.setenv(var, value)
     result = CliRunner().invoke(main, [*_args(colour_data, tmp_path / "new"), "--nproc", "2"])
     assert result.exit_code == 2 and "nproc" in result.output, result.output
+
+
+@pytest.mark.parametrize("n, batch, world", [(32, 8, 2), (21, 8, 2), (23, 6, 3), (17, 8, 1)])
+def test_ranks_split_each_global_batch_of_the_single_process_run(n, batch, world):
+    from edgetransfer.adapt.loader import GlobalBatchSampler
+
+    def batches(rank: int, size: int, epoch: int) -> list[list[int]]:
+        sampler = GlobalBatchSampler(n, batch, seed=3, rank=rank, world_size=size)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    for epoch in (0, 1):
+        single = batches(0, 1, epoch)
+        per_rank = [batches(r, world, epoch) for r in range(world)]
+        assert all(len(b) == len(per_rank[0]) for b in per_rank)  # every rank takes the same number of steps
+        for step, whole in enumerate(single[:len(per_rank[0])]):
+            parts = [per_rank[r][step] for r in range(world)]
+            assert sorted(i for p in parts for i in p) == sorted(whole)  # the same global batch, split
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1 and min(map(len, parts)) >= 2
+    assert batches(0, 1, 0) != batches(0, 1, 1) and batches(0, 1, 1) == batches(0, 1, 1)

@@ -112,7 +112,7 @@ class World:
         padded[: len(local)] = local.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return [p[:n].cpu() for p, n in zip(parts, counts)]
+        return [p[:n].cpu() for p, n in zip(parts, counts, strict=True)]
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 only; every rank returns its result, or raises the error it raised.

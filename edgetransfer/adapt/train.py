@@ -46,7 +46,8 @@ SHARDS_FILE = "shards.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run's result. Saved with the run; `--resume` must match it.
+    """Everything that decides a training run's result. Saved with the run; `--resume` must match it
+    (except `num_workers` and `compile`, which change only the speed).
 
     `batch_size` is the global batch: N processes take batch_size/N each, so the same command makes
     the same optimisation steps on one device or many.
@@ -335,7 +336,7 @@ class Trainer:
             self.head.train()
         loss_acc, correct_acc, count = self._zero_sums()
         seen: list[torch.Tensor] = []
-        batches = zip(self._train_batches(epoch), self.sampler.global_batch_sizes())
+        batches = zip(self._train_batches(epoch), self.sampler.global_batch_sizes(), strict=True)
         for (x, y, idx), global_batch in progress_bar(batches, f"epoch {epoch}", total=len(self.sampler)):
             loss_sum, correct = self.step(x, y, global_batch)
             loss_acc += loss_sum
@@ -440,6 +441,10 @@ def _jsonl(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True) + "\n"
 
 
+#: settings that change how fast a run goes, not what it computes: a run may resume with others
+_SPEED_ONLY = ("num_workers", "compile")
+
+
 def check_run_folder(data: str | Path, run: Path, config: TrainConfig, *, resume: bool) -> None:
     """Refuse to overwrite a run, or to resume one made with other settings (exit 2 either way)."""
     config_file = run / "train_config.json"
@@ -447,8 +452,8 @@ def check_run_folder(data: str | Path, run: Path, config: TrainConfig, *, resume
         if not config_file.exists():
             raise UsageError("cannot resume: no train_config.json here", path=run)
         saved, wanted = json.loads(config_file.read_text()), config_record(data, config)
-        if saved != wanted:
-            diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k) and k not in _SPEED_ONLY)
+        if diff:
             raise UsageError(f"--resume with different settings than the interrupted run: {', '.join(diff)}",
                              path=config_file)
     elif run.exists() and any(run.iterdir()):
