@@ -114,7 +114,9 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("edgetransfer")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # under torchrun, global rank 0 speaks for the run; the other processes report only problems
+    quiet = os.environ.get("RANK", "0") != "0"
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     root.propagate = False  # third-party libraries configure the root logger; don't print twice
     # torch's extension loader warns about CUDA_HOME on CPU machines whenever NNCF imports it
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -158,22 +160,71 @@ def main(verbose: bool) -> None:
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True, help="Early stopping, in epochs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader workers per process (default: 0 on the CPU, min(8, cores per process - 1) on CUDA).")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="torch.compile the training step (pays a warm-up; worth it for long runs on a GPU).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train with N processes on this machine (one per GPU) through torchrun and "
+                   "DistributedDataParallel. --batch-size stays the global batch.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.",
               callback=_remember_run)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-def train(data: Path, out: Path, resume: bool, **options: Any) -> None:
-    """Adapt a backbone to the ImageFolder tree DATA (DATA/train/<class>/..., optional val/ and test/)."""
+@click.pass_context
+def train(ctx: click.Context, data: Path, out: Path, resume: bool, nproc: int | None, compile_model: bool,
+          **options: Any) -> None:
+    """Adapt a backbone to the ImageFolder tree DATA (DATA/train/<class>/..., optional val/ and test/).
+
+    Several GPUs or machines: `--nproc N` here, or `torchrun ... -m edgetransfer train ...` (README).
+    """
+    from .adapt.distributed import env_rank
     from .adapt.train import TrainConfig, train as run_train
 
     options["num_workers"] = options.pop("workers")
-    result = run_train(data, out, TrainConfig(**options), resume=resume)
+    config = TrainConfig(**options, compile=compile_model)
+    if nproc is not None:
+        _launch_torchrun(ctx, data, out, config, resume, nproc)
+    result = run_train(data, out, config, resume=resume)
+    if env_rank() != 0:  # under torchrun, rank 0 prints the summary
+        return
     m = result.meta.metrics
     _table(f"trained {result.meta.backbone} ({result.meta.mode}) → {out}", ["metric", "value"], [
         ["classes", ", ".join(result.meta.classes)], ["best epoch", m.get("best_epoch")],
         ["val accuracy", f"{m.get('val_accuracy', 0):.4f}"],
         ["test accuracy", "—" if m.get("test_accuracy") is None else f"{m['test_accuracy']:.4f}"],
         ["test images", m.get("test_samples")]])
+
+
+def _launch_torchrun(ctx: click.Context, data: Path, out: Path, config: Any, resume: bool, nproc: int) -> None:
+    """Replace this process by torchrun starting `nproc` copies of this very command without --nproc.
+
+    The usage checks torchrun's workers would make run here first, so a bad --out or --device still
+    exits 2 instead of surfacing as a failed worker (torchrun itself exits 1 when any worker fails).
+    """
+    from .adapt.distributed import pick_device, torchrun_command, under_torchrun
+    from .adapt.train import check_run_folder
+    from .errors import UsageError
+
+    if under_torchrun():
+        raise UsageError("--nproc starts torchrun; under torchrun already, leave it out", field="nproc")
+    check_run_folder(data, out, config, resume=resume)
+    if config.device != "cpu":
+        pick_device(config.device, nproc - 1, nproc)  # one GPU per process, or exit 2 now
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name == "nproc" or value is None or value is False:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        else:
+            args += [param.opts[0]] if value is True else [param.opts[0], str(value)]
+    verbose = ["--verbose"] if ctx.find_root().params.get("verbose") else []
+    command = torchrun_command(nproc, [*verbose, "train", *args])
+    log.info("starting %d processes: %s", nproc, " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
 
 
 @main.command()

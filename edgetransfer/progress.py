@@ -1,7 +1,8 @@
 """Progress bars for long work, drawn only where a person is watching a terminal.
 
 CI logs and pipes get no bar (they would fill with redraws); the summary tables at the end of each
-stage are what those readers see.
+stage are what those readers see. In a distributed run only global rank 0 draws (torchrun's other
+processes share the terminal).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ T = TypeVar("T")
 
 def _enabled() -> bool:
     if os.environ.get("EDGETRANSFER_PROGRESS", "").lower() in ("0", "false", "no"):
+        return False
+    if os.environ.get("RANK", "0") != "0":
         return False
     from rich.console import Console
 

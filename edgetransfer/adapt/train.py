@@ -1,8 +1,13 @@
-"""The training loop: one code path for CPU and CUDA, for all three transfer modes.
+"""The training loop: one code path for CPU, one GPU and many, for all three transfer modes.
 
-CUDA gets mixed precision (bf16 where supported, else fp16 with a gradient scaler) and channels_last;
-the CPU runs fp32. Each epoch reseeds from (seed, epoch), so a resumed run draws the same batches and
-augmentations as an uninterrupted one.
+CUDA gets mixed precision (bf16 where supported, else fp16 with a gradient scaler), channels_last,
+fused AdamW, pinned-memory loading with persistent workers, and `torch.compile` on request; the CPU
+runs fp32. Under torchrun the same loop runs in every process with DistributedDataParallel (see
+`distributed.py`). Randomness depends only on (seed, epoch, sample), so a resumed run draws the same
+batches and augmentations as an uninterrupted one, on any number of processes.
+
+Per-step numbers (loss, correct) stay on the device and are summed once per epoch, so a GPU step
+never waits for the host.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,7 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..backbones import Backbone, create
 from ..data.folder import DatasetSplits, dataset_hash, scan_dataset
@@ -27,16 +34,24 @@ from ..errors import UsageError
 from ..fsutil import write_json, write_text
 from ..progress import progress_bar
 from ..spec import RunMeta
-from .checkpoint import META_FILE, ResumeState, load_resume, load_weights, save_model, save_resume
+from .checkpoint import META_FILE, MODEL_FILE, ResumeState, load_resume, load_weights, save_model, save_resume
+from .distributed import World, pick_device, world_session
 from .freeze import MODES, apply_mode, param_groups
-from .loader import AugmentedImages, EvalImages
+from .loader import AugmentedImages, EvalImages, GlobalBatchSampler, mix_seed, rank_shard
 
 log = logging.getLogger(__name__)
+
+SHARDS_FILE = "shards.json"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run's result. Saved with the run; `--resume` must match it."""
+    """Everything that decides a training run's result. Saved with the run; `--resume` must match it
+    (except `num_workers` and `compile`, which change only the speed).
+
+    `batch_size` is the global batch: N processes take batch_size/N each, so the same command makes
+    the same optimisation steps on one device or many.
+    """
 
     backbone: str = "resnet18"
     weights: str = "default"
@@ -55,7 +70,8 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 on the CPU, min(8, cores per process - 1) on CUDA
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +81,8 @@ class TrainConfig:
                 raise UsageError(f"must be positive, got {getattr(self, name)}", field=name)
         if not 0 <= self.label_smoothing < 1:
             raise UsageError("must be in [0, 1)", field="label_smoothing")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UsageError(f"must be 0 or more, got {self.num_workers}", field="num_workers")
 
     @property
     def pretrained(self) -> bool:
@@ -82,18 +100,22 @@ class TrainResult:
         return self.meta.metrics.get("test_accuracy")
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("CUDA was requested but no CUDA device is visible", field="device")
-    return torch.device(requested)
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it (no scaler needed), else fp16 (with a scaler); None: fp32 (the CPU)."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers: augmentation must keep up with a GPU, but on a CPU it competes with the model."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):
@@ -120,13 +142,28 @@ class _HeadInput:
 
 
 class Trainer:
-    """Holds the model, optimizer and data of one run; `fit` runs the epochs."""
+    """Holds the model, optimizer and data of one run (one process of it); `fit` runs the epochs.
 
-    def __init__(self, splits: DatasetSplits, backbone: Backbone, config: TrainConfig, run: Path):
+    Features mode runs the frozen backbone once: each process embeds every N-th image and all
+    processes gather the whole cache. Every process then trains the same head on the same cache
+    without DistributedDataParallel: a head step on cached embeddings costs microseconds, less than
+    the all-reduce DDP would add, and identical work in every process gives exactly the result of a
+    single-process run.
+    """
+
+    def __init__(self, splits: DatasetSplits, backbone: Backbone, config: TrainConfig, run: Path,
+                 world: World | None = None):
         self.splits, self.bb, self.config, self.run = splits, backbone, config, run
-        self.model = backbone.model
-        self.device = pick_device(config.device)
-        self.amp_dtype = _amp_dtype(self.device)
+        self.world = world or World(device=pick_device(config.device))
+        self.device = self.world.device
+        self.amp_dtype = amp_dtype(self.device)
+        self.features = config.mode == "features"
+        self.workers = loader_workers(config.num_workers, self.device)
+        model = backbone.model
+        if self.world.distributed and self.device.type == "cuda" and not self.features:
+            # BatchNorm over the global batch, as one GPU would compute it (CPU/gloo has no SyncBatchNorm)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
         self.frozen_norms = apply_mode(self.model, backbone.head, config.mode, unfreeze_stages=config.unfreeze_stages)
         mult = config.backbone_lr_mult if config.backbone_lr_mult is not None else (0.1 if config.pretrained else 1.0)
         self.model.to(self.device)
@@ -135,30 +172,76 @@ class Trainer:
         self.head = self.model.get_submodule(backbone.head.path)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, backbone.head, lr=config.lr, backbone_lr=config.lr * mult,
-                         weight_decay=config.weight_decay))
+                         weight_decay=config.weight_decay),
+            fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        # summed, then scaled by world_size / global batch in `step`: DDP's average is then the global mean
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
         spec = backbone.input_spec
-        if config.mode == "features":
-            self.train_data = TensorDataset(*self._embed(splits.train, "train"))
-            self.val_data = TensorDataset(*self._embed(splits.val, "val"))
+        self.embedding_shards: dict[str, list[list[int]]] = {}
+        self.epoch_samples: list[int] = []  # the train indices this process stepped on in the last epoch
+        if self.features:
+            self.train_data: Dataset = TensorDataset(*self._embed(splits.train, "train"))
+            self.val_data: Dataset = TensorDataset(*self._embed(splits.val, "val"))
+            rank, size = 0, 1  # every process steps through the whole cache
         else:
-            self.train_data = AugmentedImages(splits.train, spec)
+            self.train_data = AugmentedImages(splits.train, spec, seed=config.seed)
             self.val_data = EvalImages(splits.val, spec)
-        steps_per_epoch = math.ceil(len(self.train_data) / config.batch_size)
+            rank, size = self.world.rank, self.world.world_size
+        self.step_world = size
+        self.sampler = GlobalBatchSampler(len(self.train_data), config.batch_size, seed=config.seed,
+                                          rank=rank, world_size=size, keyed=not self.features)
+        if size > 1 and min(self.sampler.global_batch_sizes(), default=0) < 2 * size:
+            raise UsageError(f"{size} processes need at least 2 images each per batch: --batch-size and the "
+                             f"training split ({len(self.train_data)} images) must be at least {2 * size}",
+                             field="batch_size")
+        self.train_loader = None if self.features else self._loader(self.train_data, batch_sampler=self.sampler,
+                                                                    persistent=True)
+        self._val_loader: DataLoader | None = None
+        self.net: nn.Module = self.model  # what the training forward calls: maybe DDP-wrapped and compiled
+        if not self.features:
+            if self.world.distributed:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.net = DistributedDataParallel(self.model, device_ids=ids)
+            if config.compile:
+                self.net = torch.compile(self.net)
+        steps_per_epoch = max(1, len(self.sampler))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _warmup_cosine(max(1, round(config.warmup_epochs * steps_per_epoch)),
                                            steps_per_epoch * config.epochs))
 
     # -- data ----------------------------------------------------------------------------------
-    def _loader(self, dataset: Any, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        pin = self.device.type == "cuda"
-        # drop a last batch of one: BatchNorm cannot normalise a single sample in training mode
-        drop_last = shuffle and len(dataset) % self.config.batch_size == 1 and len(dataset) > 1
-        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=shuffle, generator=gen,
-                          num_workers=self.config.num_workers, pin_memory=pin, drop_last=drop_last,
-                          persistent_workers=False)
+    def _loader(self, dataset: Dataset, *, persistent: bool = False, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=persistent and self.workers > 0, **kwargs)
+
+    def _eval_batches(self, dataset: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's share (every N-th sample) of an evaluation set, in batches."""
+        shard = rank_shard(len(dataset), self.world.rank, self.world.world_size)
+        bs = self.config.batch_size
+        if isinstance(dataset, TensorDataset):  # cached embeddings: slice, no loader
+            feats, labels = dataset.tensors
+            for i in range(0, len(shard), bs):
+                idx = torch.tensor(shard[i:i + bs], dtype=torch.long)
+                yield feats[idx], labels[idx]
+            return
+        if dataset is self.val_data:
+            if self._val_loader is None:
+                self._val_loader = self._loader(Subset(dataset, shard), batch_size=bs, persistent=True)
+            loader = self._val_loader
+        else:
+            loader = self._loader(Subset(dataset, shard), batch_size=bs)
+        yield from loader
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        if self.features:
+            feats, labels = self.train_data.tensors
+            for idx in self.sampler:
+                i = torch.tensor(idx, dtype=torch.long)
+                yield feats[i], labels[i], i
+        else:
+            yield from self.train_loader
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -174,12 +257,22 @@ class Trainer:
 
     @torch.no_grad()
     def _embed(self, samples: list, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the frozen backbone once over a split; the head then trains on these tensors."""
+        """Run the frozen backbone once over a split; the head then trains on these tensors.
+
+        Process r embeds samples r, r+N, ...; the shards are gathered back into sample order, so
+        every process holds the same cache a single process would have computed.
+        """
         self.model.eval()
+        n, rank, size = len(samples), self.world.rank, self.world.world_size
+        shards = [rank_shard(n, r, size) for r in range(size)]
+        mine = shards[rank]
+        # a process without samples still embeds one, to learn the embedding's shape for the gather
+        todo = mine if mine or n == 0 else [0]
         hook = _HeadInput(self.head)
         feats, labels = [], []
         try:
-            loader = self._loader(EvalImages(samples, self.bb.input_spec), shuffle=False)
+            loader = self._loader(Subset(EvalImages(samples, self.bb.input_spec), todo),
+                                  batch_size=self.config.batch_size)
             for x, y in progress_bar(loader, f"embedding {split}"):
                 with self._autocast():
                     self.model(self._to_device(x))
@@ -187,79 +280,127 @@ class Trainer:
                 labels.append(y)
         finally:
             hook.close()
-        return torch.cat(feats), torch.cat(labels)
+        local_x, local_y = torch.cat(feats)[:len(mine)], torch.cat(labels)[:len(mine)]
+        if size == 1:
+            return local_x, local_y
+        counts = [len(s) for s in shards]
+        all_x, all_y = self.world.gather_rows(local_x, counts), self.world.gather_rows(local_y, counts)
+        out_x = torch.empty((n, *local_x.shape[1:]), dtype=local_x.dtype)
+        out_y = torch.empty(n, dtype=local_y.dtype)
+        for r in range(size):
+            out_x[r::size], out_y[r::size] = all_x[r], all_y[r]
+        self.embedding_shards[split] = shards
+        return out_x, out_y
 
-    def _forward(self, x: torch.Tensor, *, embedded: bool) -> torch.Tensor:
-        """`embedded`: x holds cached head inputs (features mode), not images."""
-        if embedded:
+    # -- steps and epochs ------------------------------------------------------------------------
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features:  # x holds cached head inputs, not images
             out = self.head(x)
             return torch.flatten(out, 1) if self.bb.head.flatten else out
-        return self.model(x)
+        return self.net(x)
 
-    # -- epochs ----------------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        torch.manual_seed(self.config.seed * 1_000_003 + epoch)
+    def step(self, x: torch.Tensor, y: torch.Tensor, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on this process's slice of a global batch of `global_batch` samples.
+
+        Returns the slice's summed loss and number correct as device tensors (no host sync).
+        """
+        x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self._train_forward(x)
+            loss_sum = self.criterion(logits.float(), y)
+        loss = loss_sum * (self.step_world / global_batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss_sum.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _zero_sums(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Loss and correct-count accumulators on the device (summed without host syncs), and a count."""
+        return (torch.zeros((), dtype=torch.float64, device=self.device),
+                torch.zeros((), dtype=torch.int64, device=self.device), 0)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training split; the metrics are summed over every process."""
+        torch.manual_seed(mix_seed(self.config.seed, epoch, self.world.rank))  # dropout and the like
         self.model.train()
         for m in self.frozen_norms:
             m.eval()
-        if self.config.mode == "features":
+        if self.features:
             self.model.eval()
             self.head.train()
-        total, correct, loss_sum = 0, 0, 0.0
-        for x, y in progress_bar(self._loader(self.train_data, shuffle=True, epoch=epoch), f"epoch {epoch}"):
-            x, y = self._to_device(x), y.to(self.device)
-            with self._autocast():
-                logits = self._forward(x, embedded=self.config.mode == "features")
-                loss = self.criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise UsageError(f"non-finite loss {loss.item()} at epoch {epoch} "
-                                 f"(lr {self.scheduler.get_last_lr()[0]:.3g}); lower --lr", field="lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            self.scheduler.step()
-            total += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss.detach()) * len(y)
+        loss_acc, correct_acc, count = self._zero_sums()
+        seen: list[torch.Tensor] = []
+        batches = zip(self._train_batches(epoch), self.sampler.global_batch_sizes(), strict=True)
+        for (x, y, idx), global_batch in progress_bar(batches, f"epoch {epoch}", total=len(self.sampler)):
+            loss_sum, correct = self.step(x, y, global_batch)
+            loss_acc += loss_sum
+            correct_acc += correct
+            count += len(y)
+            seen.append(idx)
+        self.epoch_samples = torch.cat(seen).tolist() if seen else []
+        totals = torch.stack([loss_acc, correct_acc.double(), torch.tensor(float(count), dtype=torch.float64,
+                                                                           device=self.device)])
+        # features mode: every process ran the same steps on the whole cache; nothing to sum
+        loss_sum, correct, total = (self.world.all_reduce_sum(totals) if self.step_world > 1 else totals.cpu()).tolist()
+        if not math.isfinite(loss_sum):
+            raise UsageError(f"non-finite loss at epoch {epoch} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
+                             "lower --lr", field="lr")
         return {"train_loss": loss_sum / max(1, total), "train_accuracy": correct / max(1, total)}
 
     @torch.no_grad()
-    def evaluate(self, dataset: Any, *, embedded: bool = False) -> dict[str, float]:
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        """Loss and accuracy over `dataset` (images, or cached embeddings in features mode), each
+        process evaluating every N-th sample and the sums reduced over all of them."""
         self.model.eval()
-        total, correct, loss_sum = 0, 0, 0.0
-        for x, y in self._loader(dataset, shuffle=False):
+        embedded = isinstance(dataset, TensorDataset)
+        loss_acc, correct_acc, count = self._zero_sums()
+        for x, y in self._eval_batches(dataset):
             x, y = self._to_device(x), y.to(self.device)
             with self._autocast():
-                logits = self._forward(x, embedded=embedded).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
+                if embedded:
+                    out = self.head(x)
+                    logits = (torch.flatten(out, 1) if self.bb.head.flatten else out).float()
+                else:
+                    logits = self.model(x).float()
+            loss_acc += nn.functional.cross_entropy(logits, y, reduction="sum")
+            correct_acc += (logits.argmax(1) == y).sum()
+            count += len(y)
+        totals = torch.stack([loss_acc, correct_acc.double(), torch.tensor(float(count), dtype=torch.float64,
+                                                                           device=self.device)])
+        loss_sum, correct, total = self.world.all_reduce_sum(totals).tolist()
         return {"loss": loss_sum / max(1, total), "accuracy": correct / max(1, total)}
 
     def fit(self, meta: RunMeta, *, resume: bool = False) -> list[dict[str, Any]]:
+        """Run the remaining epochs. Rank 0 writes the checkpoints and logs; the others wait for it."""
+        world = self.world
         history: list[dict[str, Any]] = []
         best: dict[str, Any] = {"epoch": -1, "val_accuracy": -1.0, "val_loss": math.inf}
         start = 0
         if resume:
-            state = load_resume(self.run, self.model)
+            state = world.on_main(lambda: load_resume(self.run, self.model))
+            world.broadcast_module(self.model)
             self.optimizer.load_state_dict(state.optimizer)
             self.scheduler.load_state_dict(state.scheduler)
             if self.scaler is not None and state.scaler:
                 self.scaler.load_state_dict(state.scaler)
             history, best, start = state.history, state.best, state.epoch + 1
             log.info("resuming %s after epoch %d", self.run, state.epoch)
+        log.info("training on %s (%s), %d process%s", self.device,
+                 str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+                 world.world_size, "es" if world.distributed else "")
         for epoch in range(start, self.config.epochs):
             if epoch - best["epoch"] > self.config.patience and best["epoch"] >= 0:
                 log.info("early stop: no validation improvement for %d epochs", self.config.patience)
                 break
             t0 = time.perf_counter()
-            row = {"epoch": epoch, **self._train_epoch(epoch)}
-            val = self.evaluate(self.val_data, embedded=self.config.mode == "features")
+            row = {"epoch": epoch, **self.train_epoch(epoch)}
+            val = self.evaluate(self.val_data)
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], lr=self.scheduler.get_last_lr()[0],
                        seconds=round(time.perf_counter() - t0, 3))
             history.append(row)
@@ -267,18 +408,56 @@ class Trainer:
             if improved:
                 best = {"epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
                 meta.metrics = {"best_epoch": epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
-                save_model(self.run, self.model, meta)
-            save_resume(self.run, self.model, ResumeState(
-                epoch=epoch, best=best, history=history, optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None))
-            write_text(self.run / "metrics.jsonl", "".join(_jsonl(r) for r in history))
+            shards = world.gather_objects(self.epoch_samples) if world.distributed and not self.features else None
+            if world.is_main:
+                if improved:
+                    save_model(self.run, self.model, meta)
+                save_resume(self.run, self.model, ResumeState(
+                    epoch=epoch, best=best, history=history, optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None))
+                write_text(self.run / "metrics.jsonl", "".join(_jsonl(r) for r in history))
+                if world.distributed:
+                    self._write_shards(epoch, shards)
+            world.barrier()
             log.info("epoch %d: loss %.4f train %.3f val %.3f%s", epoch, row["train_loss"], row["train_accuracy"],
                      val["accuracy"], " *" if improved else "")
         return history
 
+    def _write_shards(self, epoch: int, ranks: list[list[int]] | None) -> None:
+        """Which training samples (indices into the scanned train split) each process read.
+
+        Features mode: which samples each process embedded (the head epochs then use the whole cache
+        everywhere). Otherwise: what each process stepped on in the latest epoch.
+        """
+        record: dict[str, Any] = {"world_size": self.world.world_size, "train_samples": len(self.splits.train)}
+        if self.features:
+            record["embedding"] = self.embedding_shards
+        else:
+            record["epoch"] = {"index": epoch, "ranks": ranks}
+        write_json(self.run / SHARDS_FILE, record)
+
 
 def _jsonl(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True) + "\n"
+
+
+#: settings that change how fast a run goes, not what it computes: a run may resume with others
+_SPEED_ONLY = ("num_workers", "compile")
+
+
+def check_run_folder(data: str | Path, run: Path, config: TrainConfig, *, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume one made with other settings (exit 2 either way)."""
+    config_file = run / "train_config.json"
+    if resume:
+        if not config_file.exists():
+            raise UsageError("cannot resume: no train_config.json here", path=run)
+        saved, wanted = json.loads(config_file.read_text()), config_record(data, config)
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k) and k not in _SPEED_ONLY)
+        if diff:
+            raise UsageError(f"--resume with different settings than the interrupted run: {', '.join(diff)}",
+                             path=config_file)
+    elif run.exists() and any(run.iterdir()):
+        raise UsageError("output folder is not empty; pick a new --out, or pass --resume to continue it", path=run)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool = False) -> TrainResult:
@@ -286,41 +465,45 @@ def train(data: str | Path, out: str | Path, config: TrainConfig = TrainConfig()
 
     The run holds `model.safetensors` + `meta.json` (best validation epoch), `metrics.jsonl`,
     `split.json` and resumable checkpoints. With `resume=True` an interrupted run continues from its
-    last completed epoch with the same config.
+    last completed epoch with the same config. Started by torchrun with several processes, this
+    trains with DistributedDataParallel; rank 0 writes the run (plus `shards.json`), every process
+    returns the same result.
     """
-    run = Path(out)
-    config_file = run / "train_config.json"
-    if resume:
-        if not config_file.exists():
-            raise UsageError("cannot resume: no train_config.json here", path=run)
-        saved, wanted = json.loads(config_file.read_text()), config_record(data, config)
-        if saved != wanted:
-            diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-            raise UsageError(f"--resume with different settings than the interrupted run: {', '.join(diff)}",
-                             path=config_file)
-    elif run.exists() and any(run.iterdir()):
-        raise UsageError("output folder is not empty; pick a new --out, or pass --resume to continue it", path=run)
+    with world_session(config.device) as world:
+        return _train(data, Path(out), config, resume, world)
+
+
+def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world: World) -> TrainResult:
+    world.on_main(lambda: check_run_folder(data, run, config, resume=resume))
     splits = scan_dataset(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
     torch.manual_seed(config.seed)
     bb = create(config.backbone, len(splits.classes), weights=config.weights, img_size=config.img_size)
-    run.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json(config_file, config_record(data, config))
-    write_json(run / "split.json", splits.record)
+    if world.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json(run / "train_config.json", config_record(data, config))
+        write_json(run / "split.json", splits.record)
     meta = RunMeta(classes=splits.classes, input_spec=bb.input_spec, backbone=config.backbone, weights=bb.weights,
                    mode=config.mode, data={"root": str(Path(data).resolve()), "hash": dataset_hash(splits),
                                            "counts": splits.counts(), "seed": config.seed,
                                            "val_fraction": config.val_fraction, "test_fraction": config.test_fraction},
                    train_config=asdict(config))
-    trainer = Trainer(splits, bb, config, run)
+    trainer = Trainer(splits, bb, config, run, world=world)
     history = trainer.fit(meta, resume=resume)
+
     # evaluate the best epoch's weights on the held-out test split and record it in the meta
-    load_weights(trainer.model, run / "model.safetensors")
-    best_meta = RunMeta.load(run / META_FILE)
+    def load_best() -> RunMeta:
+        load_weights(trainer.model, run / MODEL_FILE)
+        return RunMeta.load(run / META_FILE)
+
+    best_meta = world.on_main(load_best)
+    world.broadcast_module(trainer.model)
     test = trainer.evaluate(EvalImages(splits.test, bb.input_spec)) if splits.test else {}
     best_meta.metrics.update({"test_accuracy": test.get("accuracy"), "test_samples": len(splits.test),
                               "epochs_run": len(history)})
-    best_meta.save(run / META_FILE)
+    if world.is_main:
+        best_meta.save(run / META_FILE)
+    world.barrier()
     return TrainResult(run=run, meta=best_meta, history=history)
 
 
