@@ -169,6 +169,9 @@ def main(verbose: bool) -> None:
                    "DistributedDataParallel. --batch-size stays the global batch.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.",
               callback=_remember_run)
+@click.option("--skip-bad-images", type=click.FloatRange(0, 0.5, max_open=True), is_flag=False, flag_value=0.05,
+              default=0.0, help="Skip unreadable images instead of stopping, up to this fraction (flag alone: "
+                                "0.05); they are listed in RUN/split.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.pass_context
 def train(ctx: click.Context, data: Path, out: Path, resume: bool, nproc: int | None, compile_model: bool,

@@ -7,6 +7,7 @@ produced them during training.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,10 @@ MAX_PIXELS = 64_000_000
 def load_image(path: str | Path) -> Image.Image:
     """Decode an image file fully (so truncation is found here, not mid-epoch) as upright RGB."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns above 89 MP; the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise DataError(f"image is {img.width}x{img.height} pixels, over the {MAX_PIXELS // 1_000_000} MP "
                                 "limit (a decompression bomb, or not a camera frame); refused before decoding",

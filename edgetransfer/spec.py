@@ -90,6 +90,8 @@ class RunMeta:
     data: dict[str, Any] = field(default_factory=dict)  # root, hash, split record
     metrics: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of model.safetensors, written with it: a flipped bit or a swapped file is caught on load
+    weights_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,7 +54,8 @@ def run_splits(meta: RunMeta) -> DatasetSplits:
                          field="data.root")
     splits = scan_dataset(root, classes=meta.classes, seed=meta.data.get("seed", 0),
                           val_fraction=meta.data.get("val_fraction", 0.15),
-                          test_fraction=meta.data.get("test_fraction", 0.15), verify=False)
+                          test_fraction=meta.data.get("test_fraction", 0.15), verify=False,
+                          exclude=meta.data.get("skipped", []))
     if dataset_hash(splits) != meta.data.get("hash"):
         log.warning("dataset at %s changed since training (hash differs)", root)
     return splits

@@ -93,8 +93,9 @@ def test_two_processes_finetune_on_disjoint_shards_and_match_one_process(colour_
 
     # one run folder, one checkpoint set, written by rank 0 alone (no per-rank copies, no temporaries)
     assert _files(out) == {"meta.json", "model.safetensors", "metrics.jsonl", "split.json", "train_config.json",
-                           "shards.json", "checkpoints/last.json", "checkpoints/last.safetensors",
-                           "checkpoints/last.state.pt"}
+                           "shards.json", "checkpoints/last.json",  # + the last two epochs' checkpoints
+                           *(f"checkpoints/epoch-{e}.{x}" for e in range(CONFIG["epochs"])[-2:]
+                             for x in ("safetensors", "state.pt"))}
     assert _files(single.run) | {"shards.json"} == _files(out)
     # ...and one voice: rank 1 logs only warnings and prints no summary
     assert proc.stderr.count("epoch 0:") == 1 and proc.stdout.count("test accuracy") == 1, proc.stderr

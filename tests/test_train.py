@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,10 +153,16 @@ def test_run_folder_holds_weights_meta_metrics_and_split(trained_run, tiny_data)
     assert not list(run.rglob("*.tmp"))  # atomic writes leave no temporaries behind
 
 
+def _last_weights(run: Path) -> str:
+    """The newest resumable checkpoint's weights, as named by checkpoints/last.json."""
+    index = json.loads((run / "checkpoints" / "last.json").read_text())
+    return "checkpoints/" + next(n for n in index["sha256"] if n.endswith(".safetensors"))
+
+
 def test_training_changes_the_weights_and_is_deterministic(trained_run, tiny_data, tmp_path):
     again = train(tiny_data, tmp_path / "again", TrainConfig(**RUN_CONFIG))
     first = trained_run.run
-    for name in ("model.safetensors", "checkpoints/last.safetensors"):
+    for name in ("model.safetensors", _last_weights(first)):
         _assert_same_tensors(load_file(str(first / name)), load_file(str(again.run / name)))
     def rows(run):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
@@ -166,7 +173,7 @@ def test_training_changes_the_weights_and_is_deterministic(trained_run, tiny_dat
     # identical because seeded, not because nothing moved: the weights left their seeded init
     torch.manual_seed(RUN_CONFIG.get("seed", 0))
     init = create("resnet18", 5, weights="none", img_size=32).model.state_dict()
-    final = load_file(str(first / "checkpoints/last.safetensors"))
+    final = load_file(str(first / _last_weights(first)))
     assert not torch.equal(init["conv1.weight"], final["conv1.weight"])
     assert not torch.equal(init["layer1.0.bn1.running_mean"], final["layer1.0.bn1.running_mean"])
 
@@ -201,7 +208,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(trained_run, tiny_d
     assert "test accuracy" in result.output
 
     first = trained_run.run
-    for name in ("model.safetensors", "checkpoints/last.safetensors"):
+    for name in ("model.safetensors", _last_weights(first)):
         _assert_same_tensors(load_file(str(first / name)), load_file(str(out / name)), atol=1e-6)
     resumed_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     straight_rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..backbones import Backbone, create
-from ..data.folder import DatasetSplits, dataset_hash, scan_dataset
+from ..data.folder import DatasetSplits, dataset_hash, require_trainable, scan_dataset
 from ..errors import UsageError
 from ..fsutil import write_json, write_text
 from ..progress import progress_bar
@@ -42,6 +42,10 @@ from .loader import AugmentedImages, EvalImages, GlobalBatchSampler, mix_seed, r
 log = logging.getLogger(__name__)
 
 SHARDS_FILE = "shards.json"
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite: training stops there (exit 2); no checkpoint is written from it."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int | None = None  # None: 0 on the CPU, min(8, cores per process - 1) on CUDA
     compile: bool = False
+    skip_bad_images: float = 0.0    # up to this fraction of unreadable images is skipped (and listed)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +88,8 @@ class TrainConfig:
             raise UsageError("must be in [0, 1)", field="label_smoothing")
         if self.num_workers is not None and self.num_workers < 0:
             raise UsageError(f"must be 0 or more, got {self.num_workers}", field="num_workers")
+        if not 0 <= self.skip_bad_images < 0.5:
+            raise UsageError(f"must be in [0, 0.5), got {self.skip_bad_images}", field="skip_bad_images")
 
     @property
     def pretrained(self) -> bool:
@@ -189,6 +196,8 @@ class Trainer:
             self.val_data = EvalImages(splits.val, spec)
             rank, size = self.world.rank, self.world.world_size
         self.step_world = size
+        # a diverged loss stops training at its step; on CUDA that costs a host sync, so look every 16 steps
+        self.nan_check_every = 16 if self.device.type == "cuda" else 1
         self.sampler = GlobalBatchSampler(len(self.train_data), config.batch_size, seed=config.seed,
                                           rank=rank, world_size=size, keyed=not self.features)
         if size > 1 and min(self.sampler.global_batch_sizes(), default=0) < 2 * size:
@@ -337,8 +346,14 @@ class Trainer:
         loss_acc, correct_acc, count = self._zero_sums()
         seen: list[torch.Tensor] = []
         batches = zip(self._train_batches(epoch), self.sampler.global_batch_sizes(), strict=True)
-        for (x, y, idx), global_batch in progress_bar(batches, f"epoch {epoch}", total=len(self.sampler)):
+        for step, ((x, y, idx), global_batch) in enumerate(
+                progress_bar(batches, f"epoch {epoch}", total=len(self.sampler))):
+            lr = self.scheduler.get_last_lr()[0]
             loss_sum, correct = self.step(x, y, global_batch)
+            if self.step_world == 1 and (step % self.nan_check_every == 0) and not bool(torch.isfinite(loss_sum)):
+                raise TrainingDiverged(f"loss became {float(loss_sum)} at epoch {epoch}, step {step} (lr {lr:.3g}); "
+                                       "the checkpoints of the last complete epoch are kept — lower --lr and "
+                                       "start again, or --resume", field="lr")
             loss_acc += loss_sum
             correct_acc += correct
             count += len(y)
@@ -348,9 +363,9 @@ class Trainer:
                                                                            device=self.device)])
         # features mode: every process ran the same steps on the whole cache; nothing to sum
         loss_sum, correct, total = (self.world.all_reduce_sum(totals) if self.step_world > 1 else totals.cpu()).tolist()
-        if not math.isfinite(loss_sum):
-            raise UsageError(f"non-finite loss at epoch {epoch} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
-                             "lower --lr", field="lr")
+        if not math.isfinite(loss_sum):  # processes step in lockstep: only the reduced sum may stop them all
+            raise TrainingDiverged(f"non-finite loss in epoch {epoch} (lr {self.scheduler.get_last_lr()[0]:.3g}); "
+                                   "the checkpoints of the last complete epoch are kept — lower --lr", field="lr")
         return {"train_loss": loss_sum / max(1, total), "train_accuracy": correct / max(1, total)}
 
     @torch.no_grad()
@@ -475,7 +490,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig = TrainConfig()
 
 def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world: World) -> TrainResult:
     world.on_main(lambda: check_run_folder(data, run, config, resume=resume))
-    splits = scan_dataset(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    splits = scan_dataset(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed,
+                          skip_bad=config.skip_bad_images)
+    require_trainable(splits, config.batch_size)
     torch.manual_seed(config.seed)
     bb = create(config.backbone, len(splits.classes), weights=config.weights, img_size=config.img_size)
     if world.is_main:
@@ -486,15 +503,17 @@ def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world
     meta = RunMeta(classes=splits.classes, input_spec=bb.input_spec, backbone=config.backbone, weights=bb.weights,
                    mode=config.mode, data={"root": str(Path(data).resolve()), "hash": dataset_hash(splits),
                                            "counts": splits.counts(), "seed": config.seed,
-                                           "val_fraction": config.val_fraction, "test_fraction": config.test_fraction},
+                                           "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
+                                           "skipped": [r["path"] for r in splits.record.get("skipped", [])]},
                    train_config=asdict(config))
     trainer = Trainer(splits, bb, config, run, world=world)
     history = trainer.fit(meta, resume=resume)
 
     # evaluate the best epoch's weights on the held-out test split and record it in the meta
     def load_best() -> RunMeta:
-        load_weights(trainer.model, run / MODEL_FILE)
-        return RunMeta.load(run / META_FILE)
+        saved = RunMeta.load(run / META_FILE)
+        load_weights(trainer.model, run / MODEL_FILE, sha256=saved.weights_sha256)
+        return saved
 
     best_meta = world.on_main(load_best)
     world.broadcast_module(trainer.model)

@@ -4,7 +4,6 @@ that points outside its folder. Real files built here; exit codes, messages and 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
