@@ -308,7 +308,7 @@ def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: 
             trials.append((trial, quantizer))
         if not trials:
             raise UsageError("no quantizer could quantize the model: " + "; ".join(failures), path=fp32_onnx)
-        best, quantizer = max(trials, key=lambda t: _preference(ctx, t[0], scheme.max_drop))
+        best, quantizer = max(trials, key=lambda t: _preference(t[0]))
         fallback: list[dict[str, Any]] = []
         if ctx.drop(best) > scheme.max_drop and scheme.fallback and scheme.max_fallback_layers > 0:
             best, fallback = _fallback(ctx, quantizer, best)
@@ -375,16 +375,17 @@ class _Context:
         return round((self.fp32_accuracy - trial.accuracy) * 100.0, 6)
 
 
-def _preference(ctx: _Context, trial: _Trial, budget: float) -> tuple[bool, float, float]:
-    """How `auto` ranks quantizers: within the accuracy budget first, then the highest top-1
-    agreement with fp32, then accuracy; ties keep QUANTIZERS' order (max is stable).
+def _preference(trial: _Trial) -> tuple[float, float]:
+    """How `auto` ranks quantizers: the highest top-1 agreement with fp32, then accuracy; ties keep
+    QUANTIZERS' order (max is stable). The accuracy budget is then enforced on the chosen one by
+    the fallback.
 
-    Agreement before accuracy: the deployed model must answer like the one that was validated, and
-    on a validation split of a few dozen images an INT8 model "more accurate" than fp32 is noise —
-    ranking by accuracy once picked a candidate that agreed with fp32 on 92 % of validation images
-    over one at 98 %, and it then missed the agreement gate on the test images.
+    Agreement first because it bounds everything else: two models that agree on a fraction a of the
+    images differ in accuracy by at most 1 − a, while on a validation split of a few dozen images an
+    INT8 model "more accurate" than fp32 is noise — ranking by accuracy once kept a candidate at 92 %
+    agreement over one at 98 %, and it then missed the agreement gate on the test images by more.
     """
-    return ctx.drop(trial) <= budget + 1e-9, trial.agreement, trial.accuracy
+    return trial.agreement, trial.accuracy
 
 
 def onnx_logits(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
