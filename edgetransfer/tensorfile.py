@@ -68,7 +68,7 @@ def safetensors_header(path: str | Path) -> dict[str, Any]:
             continue
         spans.append((*_span(name, entry, data, path), name))
     spans.sort()
-    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+    for (_, e1, n1), (b2, _, n2) in zip(spans, spans[1:]):
         if b2 < e1:
             raise IntegrityError(f"tensors {n1!r} and {n2!r} overlap in the data section", path=path)
     return header
