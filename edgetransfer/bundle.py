@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.base import KIT_FILE
 from .errors import DependencyError, GateFailed, IntegrityError, UsageError
 from .fsutil import atomic_path, sha256_file
 from .parity import PairReport, Side, compare
@@ -55,7 +56,6 @@ KIND = "edgetransfer-bundle"
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 GOLDEN_DIR = "golden"
-KIT_FILE = "kit.json"
 DEFAULT_GOLDEN = 32
 
 #: archive bounds: a bundle is a model plus a few dozen inputs, never gigabytes of small files

@@ -19,6 +19,7 @@ import numpy as np
 from .data.calibration import select_calibration
 from .data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
 from .errors import DependencyError, GateFailed, UsageError
+from .backends.base import KIT_FILE
 from .export import ONNX_FILE
 from .fsutil import sha256_file, write_json, write_text
 from .onnxfile import check_onnx_file
@@ -34,8 +35,6 @@ INT8_FILE = "model.int8.onnx"
 COMPILED_FILE = "compiled.json"
 CHECK_FILE = "check.json"
 CHECK_MD = "check.md"
-#: written by a backend's on-device build kit (TensorRT) where compile cannot run here
-KIT_FILE = "kit.json"
 
 
 def as_target(target: str | Path | Target) -> Target:
@@ -182,19 +181,18 @@ def compile_run(run: str | Path, target: str | Path | Target) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "target.yaml", _yaml(to_dict(tgt)))
     report = backend.preflight(src, tgt)
-    check = _write_check(out, report, src) if report is not None else None
-    if check is not None and not check.report.passed:
-        first = check.report.errors[0].message
-        raise GateFailed(f"{src.name} cannot build for {tgt.name}: {first} "
-                         f"({len(check.report.errors)} error(s); see {out / CHECK_MD})", path=src)
+    if report is not None:
+        _write_check(out, report, src)
+        if not report.passed:
+            raise GateFailed(f"{src.name} cannot build for {tgt.name}: {report.errors[0].message} "
+                             f"({len(report.errors)} error(s); see {out / CHECK_MD})", path=src)
     reason = backend.available()
     if reason is not None:
-        kit = backend.build_kit(src, tgt, out, reason=reason, preflight=check.report if check else None)
-        if kit is None:
+        instructions = backend.build_kit(src, tgt, out, reason=reason, preflight=report)
+        if instructions is None:
             raise DependencyError(f"target {tgt.name} needs the {tgt.backend} backend: {reason}", field="backend")
         raise DependencyError(f"{reason}, so {tgt.name}'s {tgt.backend} artifact is built on the device. Wrote the "
-                              f"on-device build kit to {out}: copy the run folder there and follow "
-                              f"{out / 'BUILD_ON_DEVICE.md'}")
+                              f"on-device build kit to {out}: copy the run folder there and follow {instructions}")
     artifact = backend.compile(src, tgt, out)
     write_json(out / COMPILED_FILE, {"artifact": artifact.name, "backend": tgt.backend, "device": tgt.device,
                                      "precision": tgt.precision, "source": src.name, "source_sha256": sha256_file(src)})
@@ -209,7 +207,7 @@ def compiled_artifact(run: Path, target: Target) -> Path:
     if not record.exists():
         if (folder / KIT_FILE).exists():
             raise DependencyError(f"no engine for {target.name} here: it is built on the device from the kit in "
-                                  f"{folder} (see BUILD_ON_DEVICE.md), then validated there", path=folder)
+                                  f"{folder} ({KIT_FILE} lists it), then validated there", path=folder)
         raise UsageError(f"not compiled yet; run `edgetransfer compile {run} --target {target.name}`", path=record)
     return folder / json.loads(record.read_text())["artifact"]
 

@@ -38,6 +38,10 @@ class Runner(abc.ABC):
         """NCHW float32 batch in, (N, classes) float32 logits out."""
 
 
+#: the record a backend's on-device build kit writes next to what it packs (`Backend.build_kit`)
+KIT_FILE = "kit.json"
+
+
 class Backend(abc.ABC):
     name: ClassVar[str]
     #: pip requirement that makes `available()` true, for the error message
@@ -65,7 +69,8 @@ class Backend(abc.ABC):
 
     def build_kit(self, onnx: Path, target: Any, out: Path, *, reason: str, preflight: Any = None) -> Path | None:
         """Where `compile` cannot run here, write what the device needs to compile there into `out`
-        and return its record's path (None: this backend has no such kit)."""
+        (recorded in `out/KIT_FILE`) and return the instructions a person opens first (None: this
+        backend has no such kit)."""
         return None
 
     def artifact_files(self, artifact: Path) -> list[Path]:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -348,7 +347,6 @@ def test_an_engine_for_another_device_is_exit_3_naming_both_sides(tmp_path):
     assert "This machine: TensorRT " in message and str(engine) in message
     if _no_tensorrt():
         assert "This machine: TensorRT not installed" in message
-    assert "tensorrt" not in sys.modules or not _no_tensorrt()
 
 
 def test_tampered_unsigned_or_future_engines_are_exit_4(tmp_path):

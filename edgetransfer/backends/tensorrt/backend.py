@@ -115,9 +115,9 @@ class TensorRTBackend(Backend):
             mismatch.append(f"this machine has TensorRT {machine.tensorrt}, the target runs {spec.tensorrt}")
         if mismatch:
             reason = "; ".join(mismatch)
-            kit = write_build_kit(onnx, target, out, reason=reason)
+            instructions = write_build_kit(onnx, target, out, reason=reason)
             raise DependencyError(f"an engine built here would not run on {target.name}: {reason}. Wrote the "
-                                  f"on-device build kit instead: {kit.parent / 'BUILD_ON_DEVICE.md'}")
+                                  f"on-device build kit instead: {instructions}")
         plan = make_plan(onnx, target)
         engine = Path(out) / ENGINE_FILE
         build_engine(Path(onnx), plan, engine, timing_cache=Path(out) / TIMING_CACHE_FILE)

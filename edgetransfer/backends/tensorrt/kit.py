@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ...fsutil import atomic_path, sha256_file, write_json, write_text
+from ..base import KIT_FILE
 from .plan import ENGINE_FILE, make_plan
 
-KIT_FILE = "kit.json"
 SCRIPT_FILE = "build_engine.sh"
 README_FILE = "BUILD_ON_DEVICE.md"
 #: where JetPack installs trtexec (it is not on PATH by default)
@@ -35,7 +35,7 @@ def _target_arg(target: Any, out: Path) -> str:
 
 
 def write_build_kit(onnx: Path, target: Any, out: Path, *, reason: str, preflight: Any = None) -> Path:
-    """Write the kit for building `onnx` for `target` into `out`; return the path of kit.json."""
+    """Write the kit for building `onnx` for `target` into `out`; return its BUILD_ON_DEVICE.md."""
     onnx, out = Path(onnx), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if onnx.parent.resolve() != out.resolve():  # fp32/fp16 targets build from RUN/model.onnx
@@ -80,7 +80,7 @@ def write_build_kit(onnx: Path, target: Any, out: Path, *, reason: str, prefligh
         "files": {f: sha256_file(out / f) for f in files if (out / f).exists()},
     }
     write_json(out / KIT_FILE, record)
-    return out / KIT_FILE
+    return out / README_FILE
 
 
 def _readme(target: Any, folder: str, plan: dict[str, Any], commands: dict[str, str], reason: str) -> str:
