@@ -47,6 +47,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+"""File suffixes taken as images (compared lower-cased); other files in class folders are ignored."""
+
 #: images larger than this are refused from their header, before decoding: a few-KB PNG can claim
 #: 50,000 x 50,000 pixels (a decompression bomb) and would need gigabytes to decode. 64 MP is above
 #: every industrial camera's frame; Pillow's own limit (178 MP) would still decode 0.5 GB per image.

@@ -34,13 +34,10 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from ..fsutil import sha256_file
-from ..preprocess import load_image
+from ..preprocess import IMAGE_EXTENSIONS, load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-"""File suffixes taken as images (compared lower-cased); other files in class folders are ignored."""
 
 SPLITS = ("train", "val", "test")
 _LAYOUT = ("expected DATA/train/<class>/<images> (optionally DATA/val/<class>/... and "

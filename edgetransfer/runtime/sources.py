@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DependencyError, UsageError
+from ..preprocess import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 
 
@@ -40,7 +40,7 @@ def _cv2() -> Any:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                   key=lambda p: p.relative_to(folder).as_posix())
 
 
