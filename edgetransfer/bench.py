@@ -108,11 +108,11 @@ def bench_run(run: str, target: str, *, batches: list[int] | None = None, warmup
     from pathlib import Path
 
     from .spec import RunMeta
-    from .stages import as_target, compiled_artifact, target_backend
+    from .stages import as_target, load_compiled
 
     tgt = as_target(target)
     spec = RunMeta.load(Path(run) / "meta.json").input_spec
-    with target_backend(tgt).load(compiled_artifact(Path(run), tgt), tgt) as runner:
+    with load_compiled(Path(run), tgt) as runner:
         results = _measure_all(runner, (3, spec.height, spec.width),
                                batches or batch_sizes(tgt.batch.min, tgt.batch.opt, tgt.batch.max),
                                warmup=warmup, iterations=iterations, min_seconds=min_seconds)
