@@ -8,6 +8,7 @@ data next to the weights instead of being re-typed by hand.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ import torch
 from torch import nn
 
 from .errors import DependencyError, IntegrityError, UsageError
-from .spec import InputSpec, RunMeta
+from . import weight_sources
+from .spec import InputSpec, ResizeMode, RunMeta
+from .weight_sources import Normalization
 from .tensorfile import check_finite, load_torch_weights, read_safetensors
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class Backbone:
     weights: str
     input_spec: InputSpec
     source_classes: list[str] | None = None  # set when weights came from an edgetransfer checkpoint
+    spec_source: str = ""  # where the normalisation came from (recorded in the run's meta)
 
 
 def _torchvision_names() -> list[str]:
@@ -69,8 +73,26 @@ def _timm_names() -> list[str]:
 
 
 def list_backbones(*, include_timm: bool = True) -> list[str]:
-    """Every name `create` accepts: torchvision's classifiers, plus `timm/<name>` when timm is installed."""
-    return _torchvision_names() + (_timm_names() if include_timm else [])
+    """Every name `create` accepts: the packaged-weights backbones, torchvision's classifiers, plus
+    `timm/<name>` when timm is installed."""
+    packaged = [s.backbone for s in weight_sources.packaged_sources()]
+    return packaged + _torchvision_names() + (_timm_names() if include_timm else [])
+
+
+def offline_weights(name: str) -> tuple[str, str]:
+    """(status, detail) of `name`'s default weights on this machine, without loading them:
+    status is "yes" (found offline), "no" (where they would be and how to get them) or "none"."""
+    if (source := weight_sources.packaged(name)) is not None:
+        path = source.locate()
+        return ("yes", f"{source.tag}: {path}") if path else ("no", source.pip_command)
+    if name.startswith("timm/"):
+        return "none", "timm: pretrained weights come from a hub (not offline); use --weights PATH"
+    try:
+        enum = _weights_enum(name, "default")
+    except UsageError:
+        return "none", "no published weights"
+    path = hub_weights_file(enum)
+    return ("yes", f"{enum.name}: {path}") if path.exists() else ("no", f"copy {path.name} to {path}")
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -147,12 +169,54 @@ def hub_weights_file(weights_enum: Any) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights_enum.url).path).name
 
 
-def _spec_from_weights(weights_enum: Any, img_size: int) -> InputSpec:
+def _norm_from_torchvision(weights_enum: Any) -> tuple[Normalization, float]:
+    """Mean, std and interpolation from torchvision's own transforms for these weights, and their crop ratio."""
     t = weights_enum.transforms()
     crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
     resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
-    return InputSpec(height=img_size, width=img_size, resize_size=max(img_size, round(img_size * resize / crop)),
-                     mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
+    return Normalization(mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value,
+                         native_size=crop), crop / resize
+
+
+def _norm_from_timm(model: nn.Module) -> tuple[Normalization, float] | None:
+    """timm's pretrained config for the architecture: what its published weights were trained with."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" not in cfg or "std" not in cfg:
+        return None
+    interpolation = cfg.get("interpolation", "bilinear")
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    return Normalization(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                         interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+                         native_size=size), float(cfg.get("crop_pct", 0.875))
+
+
+def read_normalization_sidecar(weights: Path) -> Normalization | None:
+    """`<weights file>.json` next to a weights file: {"mean": [3], "std": [3], "interpolation": "..."}.
+
+    How a file states the preprocessing it was trained with, so that nobody has to remember it.
+    """
+    sidecar = weights.with_name(weights.name + ".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        d = json.loads(sidecar.read_bytes()[:65536].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"not valid JSON ({exc})", path=sidecar) from exc
+    if not isinstance(d, dict):
+        raise UsageError("expected a JSON object", path=sidecar)
+    unknown = sorted(set(d) - {"mean", "std", "interpolation"})
+    if unknown or "mean" not in d or "std" not in d:
+        raise UsageError(f"expected keys mean, std and optionally interpolation; got {sorted(d)}", path=sidecar,
+                         field=unknown[0] if unknown else "mean")
+    try:
+        norm = Normalization(mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+                             interpolation=str(d.get("interpolation", "bilinear")))
+        InputSpec(mean=norm.mean, std=norm.std, interpolation=norm.interpolation)  # the spec's own checks
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"malformed normalisation: {exc}", path=sidecar, field="mean") from exc
+    except UsageError as exc:
+        raise UsageError(str(exc), path=sidecar, field=exc.field) from exc
+    return norm
 
 
 def _load_hub_state_dict(weights_enum: Any) -> dict[str, torch.Tensor]:
@@ -211,35 +275,59 @@ def load_backbone_weights(model: nn.Module, head: Head, state: dict[str, torch.T
     model.load_state_dict(body, strict=False)
 
 
-def create(name: str, num_classes: int, *, weights: str = "none", img_size: int = 224) -> Backbone:
+def create(name: str, num_classes: int, *, weights: str = "none", img_size: int = 224,
+           resize: ResizeMode = "shorter_center_crop", normalization: Normalization | None = None) -> Backbone:
     """Build `name` with a `num_classes` head and the requested weights.
 
-    `weights`: "none" (random init), "default" or a torchvision weights name such as "IMAGENET1K_V1"
-    (read from the torch hub cache, downloaded only where there is network), or a path to a
-    safetensors / .pth state dict or an edgetransfer run folder.
+    `weights`: "none" (random init); "default" or a named set: torchvision's (e.g. "IMAGENET1K_V1",
+    from the torch hub cache) or a packaged source's (e.g. "IMAGENET1K" for efficientnet_lite0,
+    from its installed package); or a path to a safetensors / .pth state dict or an edgetransfer run.
+
+    The normalisation always comes from the weights: torchvision's transforms for its weights, timm's
+    pretrained config, the pinned record of a packaged source, a run's own meta, or the sidecar
+    `<file>.json` of a weights file; `normalization` (the CLI's --mean/--std) overrides all of them.
+    `Backbone.spec_source` says which one was used. `resize` is the geometric policy (a training choice).
     """
     if num_classes < 2:
         raise UsageError(f"a classifier needs at least 2 classes, got {num_classes}", field="classes")
     if name in _EXCLUDED:
         raise UsageError(f"{name} is not supported ({_EXCLUDED[name]})", field="backbone")
-    spec = InputSpec.square(img_size)
+    norm, crop_ratio, norm_source = _IMAGENET, 0.875, "ImageNet statistics (no pretrained weights named them)"
     source_classes: list[str] | None = None
-    if name.startswith("timm/"):
+    is_path = _looks_like_path(weights)
+    if (source := weight_sources.packaged(name)) is not None:
+        model = _timm_model(source.architecture)
+        norm, norm_source = source.normalization, f"pinned record of {source.label}"
+        crop_ratio = 0.875
+        if weights not in ("none", "") and not is_path:
+            source = weight_sources.resolve(name, weights)
+            model.load_state_dict(source.load(model))
+            weights = f"{source.backbone}.{source.tag}"
+    elif name.startswith("timm/"):
         model = _create_timm(name.removeprefix("timm/"), weights)
+        if (from_timm := _norm_from_timm(model)) is not None:
+            (norm, crop_ratio), norm_source = from_timm, f"timm pretrained config of {name.removeprefix('timm/')}"
     else:
         import torchvision
 
         if name not in _torchvision_names():
             raise UsageError(f"unknown backbone {name!r}; `edgetransfer backbones` lists them", field="backbone")
         model = torchvision.models.get_model(name, weights=None)
-        if weights not in ("none", "") and not _looks_like_path(weights):
+        if weights not in ("none", "") and not is_path:
             enum = _weights_enum(name, weights)
             model.load_state_dict(_load_hub_state_dict(enum))
-            spec = _spec_from_weights(enum, img_size)
+            norm, crop_ratio = _norm_from_torchvision(enum)
             weights = f"{enum.__class__.__name__}.{enum.name}"
+            norm_source = f"torchvision transforms of {weights}"
+        elif is_path:
+            try:
+                norm, crop_ratio = _norm_from_torchvision(_weights_enum(name, "default"))
+                norm_source = f"torchvision transforms of {name}'s default weights"
+            except UsageError:
+                pass
     head = find_head(model)
     replace_head(model, head, num_classes)
-    if _looks_like_path(weights):
+    if is_path:
         path = Path(weights)
         state, meta = read_state_dict(path)
         if meta is not None:
@@ -247,19 +335,42 @@ def create(name: str, num_classes: int, *, weights: str = "none", img_size: int 
                 raise UsageError(f"checkpoint was trained with backbone {meta.backbone!r}, not {name!r}",
                                  path=path, field="backbone")
             # the checkpoint's normalisation travels with its weights; only the size is the caller's
-            ratio = meta.input_spec.resize_size / meta.input_spec.height
-            spec = InputSpec(**{**meta.input_spec.to_dict(), "height": img_size, "width": img_size,
-                                "resize_size": max(img_size, round(img_size * ratio))})
+            s = meta.input_spec
+            norm = Normalization(mean=s.mean, std=s.std, interpolation=s.interpolation, native_size=s.height)
+            crop_ratio = s.height / s.resize_size if s.resize_mode == "shorter_center_crop" else crop_ratio
+            norm_source = f"the input spec of run {path}"
             source_classes = list(meta.classes)
+        elif (stated := read_normalization_sidecar(path)) is not None:
+            norm, norm_source = stated, f"sidecar {path.name}.json"
+        else:
+            norm_source += f" (assumed for {path.name}: state it with --mean/--std or {path.name}.json)"
+            log.warning("normalisation for %s: %s", path, norm_source)
         load_backbone_weights(model, head, state, source=str(path))
         weights = str(path)
-    return Backbone(name=name, model=model, head=head, weights=weights, input_spec=spec, source_classes=source_classes)
+    if normalization is not None:
+        norm, norm_source = normalization, "--mean/--std given by the user"
+    spec = InputSpec(height=img_size, width=img_size, resize_mode=resize, interpolation=norm.interpolation,
+                     resize_size=max(img_size, round(img_size / crop_ratio)) if resize == "shorter_center_crop"
+                     else img_size, mean=norm.mean, std=norm.std)
+    return Backbone(name=name, model=model, head=head, weights=weights, input_spec=spec,
+                    source_classes=source_classes, spec_source=norm_source)
+
+
+_IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def _looks_like_path(weights: str) -> bool:
     if weights in ("none", "", "default"):  # keywords, even where a folder of that name exists in the cwd
         return False
     return "/" in weights or "\\" in weights or weights.endswith((".pth", ".pt", ".safetensors")) or Path(weights).exists()
+
+
+def _timm_model(architecture: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise DependencyError("this backbone is built by timm: pip install timm (or 'edgetransfer[weights]')") from exc
+    return timm.create_model(architecture, pretrained=False)
 
 
 def _create_timm(name: str, weights: str) -> nn.Module:
@@ -273,4 +384,3 @@ def _create_timm(name: str, weights: str) -> nn.Module:
         return timm.create_model(name, pretrained=weights == "default")
     except RuntimeError as exc:
         raise UsageError(f"timm could not create {name!r}: {exc}", field="backbone") from exc
-

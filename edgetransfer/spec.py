@@ -17,8 +17,10 @@ from .fsutil import write_json
 
 SCHEMA_VERSION = 1
 
-ResizeMode = Literal["shorter_center_crop", "stretch"]
-_RESIZE_MODES = ("shorter_center_crop", "stretch")
+ResizeMode = Literal["shorter_center_crop", "stretch", "letterbox"]
+_RESIZE_MODES = ("shorter_center_crop", "stretch", "letterbox")
+#: the CLI's short names for the resize policies
+RESIZE_POLICIES: dict[str, ResizeMode] = {"crop": "shorter_center_crop", "stretch": "stretch", "letterbox": "letterbox"}
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -27,7 +29,10 @@ class InputSpec:
     """How raw pixels become the model's input tensor.
 
     `resize_mode="shorter_center_crop"` resizes the shorter side to `resize_size` and crops the centre
-    `height` x `width` (torchvision's evaluation rule); `"stretch"` resizes straight to the input size.
+    `height` x `width` (torchvision's evaluation rule: it cuts off the borders, where inspection images
+    often have their defects); `"stretch"` resizes straight to the input size (every pixel kept, aspect
+    changed); `"letterbox"` fits the whole image inside the input keeping its aspect and pads the rest
+    with the mean colour (zero after normalisation). `resize_size` matters only for the crop.
     Pixel values are scaled to [0, 1], then `(x - mean) / std` per channel, in `color_order`.
     """
 
@@ -92,6 +97,8 @@ class RunMeta:
     train_config: dict[str, Any] = field(default_factory=dict)
     #: sha256 of model.safetensors, written with it: a flipped bit or a swapped file is caught on load
     weights_sha256: str | None = None
+    #: where the input spec's normalisation came from (the weights' config, a sidecar, the user's flags)
+    spec_source: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

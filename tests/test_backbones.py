@@ -115,7 +115,7 @@ def test_default_weights_missing_offline_names_the_exact_file(torch_home, offlin
 def test_default_weights_missing_offline_cli_exit_2(torch_home, offline, tiny_data, tmp_path):
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     expected = torch_home / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
-    result = CliRunner().invoke(main, ["train", str(tiny_data), "--weights", "default", "--img-size", "32",
+    result = CliRunner().invoke(main, ["train", str(tiny_data), "--backbone", "resnet18", "--weights", "default", "--img-size", "32",
                                        "--epochs", "1", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert str(expected) in result.output
