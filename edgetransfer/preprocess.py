@@ -79,6 +79,8 @@ def resize_and_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
     resample = _RESAMPLE[spec.interpolation]
     if spec.resize_mode == "stretch":
         return img.resize((spec.width, spec.height), resample)
+    if spec.resize_mode == "letterbox":
+        return _letterbox(img, spec, resample)
     w, h = img.size
     short, long_ = (w, h) if w <= h else (h, w)
     new_short = spec.resize_size
@@ -89,6 +91,21 @@ def resize_and_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
     left = int(round((new_w - spec.width) / 2.0))
     top = int(round((new_h - spec.height) / 2.0))
     return img.crop((left, top, left + spec.width, top + spec.height))
+
+
+def _letterbox(img: Image.Image, spec: InputSpec, resample: Image.Resampling) -> Image.Image:
+    """The whole image, aspect kept, centred on a canvas of the mean colour (0 after normalisation)."""
+    w, h = img.size
+    scale = min(spec.width / w, spec.height / h)
+    new_w, new_h = max(1, min(spec.width, round(w * scale))), max(1, min(spec.height, round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample)
+    if (new_w, new_h) == (spec.width, spec.height):
+        return img
+    mean = spec.mean[::-1] if spec.color_order == "BGR" else spec.mean  # the mean is in the model's order
+    canvas = Image.new("RGB", (spec.width, spec.height), tuple(round(255 * m) for m in mean))
+    canvas.paste(img, ((spec.width - new_w) // 2, (spec.height - new_h) // 2))
+    return canvas
 
 
 def normalize(img: Image.Image, spec: InputSpec) -> np.ndarray:

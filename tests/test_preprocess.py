@@ -195,3 +195,35 @@ def test_matches_torchvision_eval_transform(interpolation, size, crop):
     ours = preprocess(img, spec)
     assert ours.shape == ref.shape == (3, h, w)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(200, 100), (100, 200), (64, 64), (30, 90)])
+def test_letterbox_keeps_the_whole_image_and_pads_with_the_mean(size):
+    """Every source pixel survives (borders are where inspection defects often are); the padding
+    normalises to exactly zero."""
+    w, h = size
+    img = Image.new("RGB", size, (255, 0, 0))
+    spec = InputSpec(height=64, width=64, resize_mode="letterbox", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                     interpolation="nearest")
+    out = preprocess(img, spec)
+    assert out.shape == (3, 64, 64)
+    content = np.isclose(out[0], 1.0) & np.isclose(out[1], -1.0)  # red after (x - 0.5) / 0.5
+    pad = np.isclose(out, 0.0, atol=2 / 255).all(axis=0)  # 128/255 is the nearest 8-bit grey to 0.5
+    assert (content | pad).all()
+    rows, cols = np.nonzero(content)
+    # aspect kept: the content box has the image's proportions, centred
+    assert abs((cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1) - w / h) < 0.1
+    assert abs((cols.min() + cols.max()) / 2 - 31.5) <= 1 and abs((rows.min() + rows.max()) / 2 - 31.5) <= 1
+    assert cols.max() - cols.min() + 1 == 64 or rows.max() - rows.min() + 1 == 64
+
+
+def test_letterbox_of_a_square_image_is_the_stretch_and_keeps_the_border():
+    img = rgb_noise(96, 96, seed=5)
+    letter = InputSpec(height=64, width=64, resize_mode="letterbox")
+    stretch = InputSpec(height=64, width=64, resize_mode="stretch")
+    np.testing.assert_array_equal(preprocess(img, letter), preprocess(img, stretch))
+    # the crop rule drops the outer ring: a mark on the border is gone from its input, not from letterbox's
+    marked = Image.new("RGB", (96, 96), (0, 0, 0))
+    marked.paste((255, 255, 255), (0, 40, 4, 56))
+    crop = InputSpec(height=64, width=64, resize_size=73)
+    assert preprocess(marked, crop).max() < preprocess(marked, letter).max()

@@ -284,3 +284,41 @@ def test_features_mode_learns(features_run):
     tail = sum(r["train_loss"] for r in rows[-3:]) / 3
     assert tail < first["train_loss"] - 0.1, [round(r["train_loss"], 3) for r in rows]
     assert last["train_accuracy"] > max(first["train_accuracy"], 1 / 5 + 0.1)
+
+
+def test_surface_augmentation_keeps_every_pixel_of_the_deployed_view(tiny_data):
+    """Without jitter, a training view is the deployment view turned or flipped: nothing is cropped
+    away, so a defect at the border keeps its label."""
+    from edgetransfer.adapt.loader import AugmentedImages, Augmentation
+    from edgetransfer.data.folder import scan_dataset
+    from edgetransfer.preprocess import load_image, preprocess
+    from edgetransfer.spec import InputSpec
+
+    splits = scan_dataset(tiny_data, seed=0)
+    spec = InputSpec(height=32, width=32, resize_mode="letterbox")
+    views = AugmentedImages(splits.train[:6], spec, seed=1, augment=Augmentation(brightness=0.0, contrast=0.0))
+    turned = 0
+    for i, sample in enumerate(splits.train[:6]):
+        deployed = torch.from_numpy(preprocess(load_image(sample.path), spec))
+        x, label, index = views[(3, i)]
+        assert label == sample.label and index == i
+        candidates = [torch.rot90(d, k, (1, 2)) for d in (deployed, deployed.flip(2)) for k in range(4)]
+        assert any(torch.equal(x, c) for c in candidates)
+        turned += not torch.equal(x, deployed)
+        assert torch.equal(x, views[(3, i)][0])  # seeded by (seed, epoch, index)
+    assert turned >= 3, "flips and quarter turns should change most views"
+
+
+@pytest.mark.parametrize("bn, weights, batch, frozen", [
+    ("auto", "default", 8, True), ("auto", "default", 32, False), ("auto", "none", 8, False),
+    ("frozen", "none", 64, True), ("train", "default", 4, False)])
+def test_bn_policy(bn, weights, batch, frozen):
+    assert TrainConfig(bn=bn, weights=weights, batch_size=batch).bn_frozen() is frozen
+
+
+def test_unknown_recipe_choices_are_usage_errors():
+    for kw, field in ((dict(resize="squash"), "resize"), (dict(augment="heavy"), "augment"), (dict(bn="sync"), "bn"),
+                      (dict(mean=(0.5, 0.5, 0.5)), "std"), (dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.0, 0.5)), "std")):
+        with pytest.raises(UsageError) as ei:
+            TrainConfig(**kw)
+        assert ei.value.field == field

@@ -12,13 +12,16 @@ one CPU, with 8 workers on a GPU, in rank 3 of a distributed run, and after `--r
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.folder import Sample
-from ..preprocess import load_image, normalize, preprocess
+from ..errors import UsageError
+from ..preprocess import load_image, normalize, preprocess, resize_and_crop
 from ..spec import InputSpec
 
 
@@ -40,28 +43,73 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class AugmentedImages(Dataset):
-    """Training views: random crop of 60-100% of the area, flips, light photometric jitter.
+@dataclass(frozen=True)
+class Augmentation:
+    """How training views are drawn; every choice must keep the label true.
 
-    Surfaces have no canonical orientation, so both flips are label-preserving. Items are addressed
-    by `(epoch, index)` keys (see `GlobalBatchSampler`) and return `(image, label, index)`: the
-    augmentation is seeded from (seed, epoch, index) inside whichever process draws it, and the index
-    lets the trainer record which samples each process trained on.
+    `crop_scale=None` keeps the deployment geometry (`resize_and_crop` with the run's own spec): a
+    random crop can cut a defect at the border out of the image and so teach a wrong label. Flips
+    and 90° rotations are label-preserving for surfaces, which have no canonical orientation.
+    `brightness`/`contrast`/`saturation` are ColorJitter strengths (0: off).
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: InputSpec, *, seed: int = 0):
+    flips: bool = True
+    rot90: bool = True
+    crop_scale: tuple[float, float] | None = None
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: named presets (`train --augment NAME`); "surface" is the default for inspection images
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "surface": Augmentation(),
+    "natural": Augmentation(rot90=False, crop_scale=(0.6, 1.0), brightness=0.2, contrast=0.2, saturation=0.1),
+    "none": Augmentation(flips=False, rot90=False, brightness=0.0, contrast=0.0),
+}
+
+
+_QUARTER_TURNS = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+
+def augmentation(name: str) -> Augmentation:
+    if name not in AUGMENTATIONS:
+        raise UsageError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}", field="augment")
+    return AUGMENTATIONS[name]
+
+
+class AugmentedImages(Dataset):
+    """Training views of the images: see `Augmentation` for what may change.
+
+    Items are addressed by `(epoch, index)` keys (see `GlobalBatchSampler`) and return
+    `(image, label, index)`: the augmentation is seeded from (seed, epoch, index) inside whichever
+    process draws it, and the index lets the trainer record which samples each process trained on.
+    """
+
+    def __init__(self, samples: Sequence[Sample], spec: InputSpec, *, seed: int = 0,
+                 augment: Augmentation = AUGMENTATIONS["surface"]):
         from torchvision.transforms import v2
 
         self.samples = list(samples)
         self.spec = spec
         self.seed = seed
-        self.images = [_shrink(load_image(s.path), spec) for s in self.samples]
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop((spec.height, spec.width), scale=(0.6, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
-        ])
+        self.aug = augment
+        steps: list[Any] = []
+        if augment.crop_scale is not None:  # natural images: views of 60-100 % of the area
+            self.images = [_shrink(load_image(s.path), spec) for s in self.samples]
+            steps.append(v2.RandomResizedCrop((spec.height, spec.width), scale=augment.crop_scale, antialias=True))
+        else:  # the deployment geometry, computed once: the borders stay in every view
+            self.images = [resize_and_crop(load_image(s.path), spec) for s in self.samples]
+        if augment.flips:
+            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        if augment.brightness or augment.contrast or augment.saturation:
+            steps.append(v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast,
+                                        saturation=augment.saturation))
+        self.augment = v2.Compose(steps)
+        self.rot90 = augment.rot90 and spec.height == spec.width  # a quarter turn must keep the input's shape
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -71,6 +119,8 @@ class AugmentedImages(Dataset):
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout) alone
             torch.manual_seed(mix_seed(self.seed, epoch, i))
             img = self.augment(self.images[i])
+            if self.rot90 and (turns := int(torch.randint(0, 4, ()))):
+                img = img.transpose(_QUARTER_TURNS[turns - 1])
         return torch.from_numpy(normalize(img, self.spec)), self.samples[i].label, i
 
 

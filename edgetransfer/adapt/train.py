@@ -33,11 +33,12 @@ from ..data.folder import DatasetSplits, dataset_hash, require_trainable, scan_d
 from ..errors import UsageError
 from ..fsutil import write_json, write_text
 from ..progress import progress_bar
-from ..spec import RunMeta
+from ..spec import RESIZE_POLICIES, RunMeta
+from ..weight_sources import Normalization
 from .checkpoint import META_FILE, MODEL_FILE, ResumeState, load_resume, load_weights, save_model, save_resume
 from .distributed import World, pick_device, world_session
 from .freeze import MODES, apply_mode, param_groups
-from .loader import AugmentedImages, EvalImages, GlobalBatchSampler, mix_seed, rank_shard
+from .loader import AugmentedImages, EvalImages, GlobalBatchSampler, augmentation, mix_seed, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,11 @@ class TrainConfig:
     num_workers: int | None = None  # None: 0 on the CPU, min(8, cores per process - 1) on CUDA
     compile: bool = False
     skip_bad_images: float = 0.0    # up to this fraction of unreadable images is skipped (and listed)
+    resize: str = "letterbox"       # crop | stretch | letterbox: the geometry, for training and deployment alike
+    augment: str = "surface"        # a preset of loader.AUGMENTATIONS (label-preserving for inspection images)
+    bn: str = "auto"                # BatchNorm statistics while training: auto | train | frozen (see bn_frozen)
+    mean: tuple[float, float, float] | None = None  # override the weights' own normalisation (with std)
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -90,10 +96,43 @@ class TrainConfig:
             raise UsageError(f"must be 0 or more, got {self.num_workers}", field="num_workers")
         if not 0 <= self.skip_bad_images < 0.5:
             raise UsageError(f"must be in [0, 0.5), got {self.skip_bad_images}", field="skip_bad_images")
+        if self.resize not in RESIZE_POLICIES:
+            raise UsageError(f"unknown resize policy {self.resize!r}; choose one of {', '.join(RESIZE_POLICIES)}",
+                             field="resize")
+        augmentation(self.augment)
+        if self.bn not in ("auto", "train", "frozen"):
+            raise UsageError(f"unknown bn policy {self.bn!r}; choose auto, train or frozen", field="bn")
+        if (self.mean is None) != (self.std is None):
+            raise UsageError("give --mean and --std together", field="mean" if self.mean is None else "std")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 3 or not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
+                    raise UsageError(f"needs three finite values{', all positive' if name == 'std' else ''}, "
+                                     f"got {value}", field=name)
+                object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @property
     def pretrained(self) -> bool:
         return self.weights not in ("none", "")
+
+    def bn_frozen(self, world_size: int = 1) -> bool:
+        """Whether BatchNorm keeps its running statistics while the rest learns.
+
+        Batch statistics of a handful of images are noise: below 16 images per process they would
+        overwrite the pretrained statistics with that noise, so "auto" keeps them (the affine scale and
+        shift still learn). From scratch there are no statistics worth keeping.
+        """
+        if self.bn != "auto":
+            return self.bn == "frozen"
+        return self.pretrained and self.batch_size // max(1, world_size) < 16
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """The user's override of the weights' normalisation, if any."""
+        if self.mean is None or self.std is None:
+            return None
+        return Normalization(mean=self.mean, std=self.std)
 
 
 @dataclass
@@ -172,6 +211,8 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.frozen_norms = apply_mode(self.model, backbone.head, config.mode, unfreeze_stages=config.unfreeze_stages)
+        if config.bn_frozen(self.world.world_size):
+            self.frozen_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         mult = config.backbone_lr_mult if config.backbone_lr_mult is not None else (0.1 if config.pretrained else 1.0)
         self.model.to(self.device)
         if self.device.type == "cuda":
@@ -192,7 +233,8 @@ class Trainer:
             self.val_data: Dataset = TensorDataset(*self._embed(splits.val, "val"))
             rank, size = 0, 1  # every process steps through the whole cache
         else:
-            self.train_data = AugmentedImages(splits.train, spec, seed=config.seed)
+            self.train_data = AugmentedImages(splits.train, spec, seed=config.seed,
+                                              augment=augmentation(config.augment))
             self.val_data = EvalImages(splits.val, spec)
             rank, size = self.world.rank, self.world.world_size
         self.step_world = size
@@ -494,7 +536,10 @@ def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world
                           skip_bad=config.skip_bad_images)
     require_trainable(splits, config.batch_size)
     torch.manual_seed(config.seed)
-    bb = create(config.backbone, len(splits.classes), weights=config.weights, img_size=config.img_size)
+    bb = create(config.backbone, len(splits.classes), weights=config.weights, img_size=config.img_size,
+                resize=RESIZE_POLICIES[config.resize], normalization=config.normalization)
+    log.info("input %dx%d, resize %s, mean %s std %s — from %s", bb.input_spec.height, bb.input_spec.width,
+             config.resize, list(bb.input_spec.mean), list(bb.input_spec.std), bb.spec_source)
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -505,7 +550,8 @@ def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world
                                            "counts": splits.counts(), "seed": config.seed,
                                            "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
                                            "skipped": [r["path"] for r in splits.record.get("skipped", [])]},
-                   train_config=asdict(config))
+                   train_config={**asdict(config), "augmentation": augmentation(config.augment).to_dict()},
+                   spec_source=bb.spec_source)
     trainer = Trainer(splits, bb, config, run, world=world)
     history = trainer.fit(meta, resume=resume)
 
@@ -527,4 +573,5 @@ def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world
 
 
 def config_record(data: str | Path, config: TrainConfig) -> dict[str, Any]:
-    return {"data": str(Path(data).resolve()), **asdict(config)}
+    """What train_config.json holds, as JSON gives it back (tuples as lists), so records compare equal."""
+    return json.loads(json.dumps({"data": str(Path(data).resolve()), **asdict(config)}))
