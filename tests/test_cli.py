@@ -35,7 +35,7 @@ def test_help_does_not_import_torch_or_a_backend():
 
 
 def test_backbones_lists_names():
-    result = CliRunner().invoke(main, ["backbones", "--no-timm"])
+    result = CliRunner().invoke(main, ["backbones", "--no-timm", "--names"])
     assert result.exit_code == 0
     names = result.output.split()
     for name in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "swin_t"):
@@ -84,8 +84,11 @@ def test_quick_demo_end_to_end(tmp_path):
         assert row in text
     assert "parity" in text and "export fidelity" in text and "pass" in text
     assert summary["parity_passed"] is True
-    assert [m["name"] for m in summary["models"]] == ["transfer, features (frozen)", "transfer, finetune",
+    assert [m["name"] for m in summary["models"]] == ["transfer, finetune", "transfer, features (frozen)",
                                                       "from scratch"]
+    assert [m["pretraining"] for m in summary["models"]] == ["ImageNet-1k (packaged)"] * 2 + ["none"]
+    assert json.loads((out / "transfer-finetune" / "meta.json").read_text())["weights"] == "efficientnet_lite0.IMAGENET1K"
+    assert json.loads((out / "scratch" / "meta.json").read_text())["weights"] == "none"
     assert all(0.0 <= m["test_accuracy"] <= 1.0 for m in summary["models"])
     exported = out / summary["exported"].split("/")[-1]
     assert (exported / "model.onnx").exists() and (exported / "parity.md").exists()
