@@ -257,8 +257,15 @@ def validate(run: Path, data: Path | None, target: str | None, batch_size: int) 
     _print_parity(report)
     # --target may be a YAML path: the report is in RUN/<the profile's name>/
     click.echo(f"report: {target_dir(run, as_target(target)) if target else run}/parity.md")
+    _print_warnings(report.warnings)
     if not report.passed:
         sys.exit(1)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    """Warnings do not change the exit code (DESIGN.md: 1 is for failed gates), so they must be loud."""
+    for w in warnings:
+        click.secho(f"WARNING: {w}", fg="red", bold=True, err=True)
 
 
 def _print_parity(report: Any) -> None:
@@ -418,6 +425,7 @@ def bundle_cmd(run: Path, target: str, out: Path, archive: bool, data: Path | No
         ["parity at bundle time", {True: "passed", False: "FAILED (--allow-failed)", None: "not validated"}[parity]],
         ["files", f"{len(m['files']) + 1} ({size / 1e6:.1f} MB)"],
         ["digest (manifest sha256)", result.digest]] + ([["archive", str(result.archive)]] if result.archive else []))
+    _print_warnings(m.get("warnings", []))
 
 
 @main.command("verify")
@@ -437,6 +445,7 @@ def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool) -> None:
                      f"min cosine {g.min_cosine:.6f}; ran {g.candidate.precision}",
                      "pass" if g.passed else "FAIL: " + "; ".join(g.failures)])
     _table(f"verify {bundle} (digest {result.manifest['manifest_sha256'][:16]}…)", ["check", "result", "gate"], rows)
+    _print_warnings(result.manifest.get("warnings", []))
     for note in result.notes:
         click.secho(f"note: {note}", fg="yellow", err=True)
     if not result.passed:
@@ -458,6 +467,7 @@ def infer_cmd(bundle: Path, source: str, max_frames: int | None, every: int) -> 
 
     summary = InferSummary()
     with open_bundle(bundle) as model:
+        _print_warnings(model.warnings)
         for record in infer_frames(model, iter_frames(source, max_frames=max_frames, every=every), summary):
             click.echo(json.dumps(record))
     s = summary.to_dict()
