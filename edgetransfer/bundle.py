@@ -528,7 +528,8 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
             names.append(f"{GOLDEN_DIR}/{key}.npy")
         artifact_info["files"] = [n for n in names if n.startswith(MODEL_DIR + "/")]
         agreement = float((expected.argmax(1) == reference.argmax(1)).mean())
-        training_baselines = meta.metrics.get("baselines") if isinstance(meta.metrics.get("baselines"), dict) else None
+        training_baselines = meta.metrics.get("baselines")
+        training_baselines = training_baselines if isinstance(training_baselines, dict) else None
         warnings = bundle_warnings(parity, training_baselines)
         body = {
             "warnings": warnings,

@@ -382,8 +382,46 @@ def run_cmd(recipe: Path) -> None:
 
     result = run_recipe(recipe)
     _print_targets(result["targets"])
+    _print_warnings(result.get("warnings", []))
+    _print_failing(result.get("failing_reports", []))
     if not result["passed"]:
         sys.exit(1)
+
+
+def _print_failing(failing: list[dict[str, Any]]) -> None:
+    """Name each failing report and its failed gates: the first thing to open after exit 1."""
+    for f in failing:
+        where = f["report"] or f"{f['target']} (no parity report: it did not build)"
+        click.secho(f"FAILED: {where}", fg="red", bold=True, err=True)
+        for gate in f["failures"]:
+            click.echo(f"  - {gate}", err=True)
+
+
+@main.command("reports")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--failed", is_flag=True, help="Only the reports whose gates failed.")
+def reports_cmd(folder: Path, failed: bool) -> None:
+    """List the parity reports under FOLDER (a run, a demo folder): one parity.md path per line on
+    stdout, its failed gates on stderr. Exit 0 either way; the listing is the answer."""
+    import json
+
+    from .validate import failed_gates, failing_reports
+
+    if failed:
+        paths = failing_reports(folder)
+    else:
+        paths = [p.with_name("parity.md") for p in sorted(folder.rglob("parity.json"))]
+    for path in paths:
+        click.echo(str(path))
+        try:
+            gates = failed_gates(path)
+            warnings = json.loads(path.with_name("parity.json").read_text(encoding="utf-8")).get("warnings") or []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        for gate in gates:
+            click.echo(f"  failed: {gate}", err=True)
+        for w in warnings:
+            click.echo(f"  warning: {w}", err=True)
 
 
 def _print_targets(rows: list[dict[str, Any]]) -> None:

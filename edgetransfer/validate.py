@@ -148,6 +148,30 @@ def held_out_baselines(meta: RunMeta, reference: np.ndarray, labels: np.ndarray)
     return assess(accuracy, meta.classes, train_counts, eval_counts, split="held-out")
 
 
+def failing_reports(folder: str | Path) -> list[Path]:
+    """The `parity.md` of every parity report under `folder` (a run, a demo folder, any tree) whose
+    gates failed, found from the `parity.json` beside it; sorted by path."""
+    import json
+
+    found = []
+    for path in sorted(Path(folder).rglob("parity.json")):
+        try:
+            passed = json.loads(path.read_text(encoding="utf-8")).get("passed")
+        except (OSError, ValueError, AttributeError):
+            continue  # not one of ours (or being written): nothing to point at
+        if passed is False:
+            found.append(path.with_name("parity.md"))
+    return found
+
+
+def failed_gates(report: str | Path) -> list[str]:
+    """'pair: gate' for every failed gate of the parity report `report` (its .md or .json path)."""
+    import json
+
+    data = json.loads(Path(report).with_name("parity.json").read_text(encoding="utf-8"))
+    return [f"{p['pair']}: {f}" for p in data.get("pairs", []) for f in p.get("failures", [])]
+
+
 def deployed_summary(reference: np.ndarray, deployed: np.ndarray, labels: np.ndarray, precision: str) -> dict:
     """The headline numbers a person asks first: accuracy before/after and agreement with torch."""
     fp32_acc = float((reference.argmax(1) == labels).mean())
