@@ -30,7 +30,8 @@ $(RUNTIME_STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	@$(BIN)/edgetransfer demo --out runs/demo || { status=$$?; \
-	  echo "edgetransfer demo exited $$status (1: a parity gate failed; the reports say where: runs/demo/*/parity.md)"; \
+	  echo "edgetransfer demo exited $$status (1: a gate failed; the failing reports and their gates:)"; \
+	  $(BIN)/edgetransfer reports runs/demo --failed; \
 	  exit $$status; }
 
 test: $(STAMP) $(RUNTIME_STAMP)

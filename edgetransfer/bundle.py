@@ -422,10 +422,22 @@ def _parity_record(path: Path, artifact_record: Path, allow_failed: bool) -> dic
         raise GateFailed("parity failed for this target (" + "; ".join(failures) + "); fix it, or bundle anyway "
                          "with --allow-failed (the manifest then records the failure)", path=path)
     return {"passed": report["passed"], "allowed_failed": not report["passed"], "failures": failures,
+            "warnings": list(report.get("warnings") or []), "baselines": report.get("baselines"),
             "summary": report.get("summary", {}), "latency": report.get("latency"),
             "pairs": [{k: p.get(k) for k in ("pair", "passed", "agreement", "max_abs_diff", "min_cosine",
                                               "reference_accuracy", "candidate_accuracy", "samples")}
                       for p in report["pairs"]]}
+
+
+def bundle_warnings(parity: dict[str, Any], training_baselines: dict[str, Any] | None) -> list[str]:
+    """The warnings a bundle carries to the device: validate's (the freshest evidence on held-out
+    images); where validate judged no baselines (a build kit, an older parity.json), training's."""
+    from .baselines import warning_of
+
+    if isinstance(parity.get("baselines"), dict) and parity["baselines"].get("beats_baselines") is not None:
+        return list(parity.get("warnings") or [])
+    warning = warning_of(training_baselines)
+    return [] if warning is None else [f"at training: {warning}"]
 
 
 def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | Path | None = None,
@@ -516,7 +528,11 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
             names.append(f"{GOLDEN_DIR}/{key}.npy")
         artifact_info["files"] = [n for n in names if n.startswith(MODEL_DIR + "/")]
         agreement = float((expected.argmax(1) == reference.argmax(1)).mean())
+        training_baselines = meta.metrics.get("baselines")
+        training_baselines = training_baselines if isinstance(training_baselines, dict) else None
+        warnings = bundle_warnings(parity, training_baselines)
         body = {
+            "warnings": warnings,
             "schema": SCHEMA, "kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
             "target": to_dict(tgt), "backend": tgt.backend, "precision": tgt.precision, "ran_as": ran_as,
             "artifact": artifact_info, "classes": list(meta.classes), "input_spec": spec.to_dict(),
@@ -527,7 +543,8 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
             "quantization": _quantization_record(tdir / "quantization.json"),
             "training": {"backbone": meta.backbone, "weights": meta.weights, "mode": meta.mode,
                          "data_hash": meta.data.get("hash"), "classes": list(meta.classes),
-                         "metrics": {k: v for k, v in meta.metrics.items() if isinstance(v, (int, float, str))}},
+                         "metrics": {k: v for k, v in meta.metrics.items() if isinstance(v, (int, float, str))},
+                         "baselines": training_baselines},
             "golden": {"inputs": f"{GOLDEN_DIR}/inputs.npy", "expected": f"{GOLDEN_DIR}/expected.npy",
                        "reference": f"{GOLDEN_DIR}/reference.npy", "labels": f"{GOLDEN_DIR}/labels.npy",
                        "count": len(chosen), "batch": batch, "source": str(source),
@@ -547,6 +564,8 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
     if parity.get("passed") is False:
         log.warning("WARNING: %s was bundled although its parity FAILED (%s); the manifest records it",
                     tgt.name, "; ".join(parity["failures"]))
+    for w in warnings:
+        log.warning("WARNING: bundled with a warning (recorded in the manifest): %s", w)
     return BundleResult(folder=out, archive=archive_path, manifest=manifest)
 
 

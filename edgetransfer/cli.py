@@ -270,8 +270,15 @@ def validate(run: Path, data: Path | None, target: str | None, batch_size: int) 
     _print_parity(report)
     # --target may be a YAML path: the report is in RUN/<the profile's name>/
     click.echo(f"report: {target_dir(run, as_target(target)) if target else run}/parity.md")
+    _print_warnings(report.warnings)
     if not report.passed:
         sys.exit(1)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    """Warnings do not change the exit code (DESIGN.md: 1 is for failed gates), so they must be loud."""
+    for w in warnings:
+        click.secho(f"WARNING: {w}", fg="red", bold=True, err=True)
 
 
 def _print_parity(report: Any) -> None:
@@ -388,8 +395,46 @@ def run_cmd(recipe: Path) -> None:
 
     result = run_recipe(recipe)
     _print_targets(result["targets"])
+    _print_warnings(result.get("warnings", []))
+    _print_failing(result.get("failing_reports", []))
     if not result["passed"]:
         sys.exit(1)
+
+
+def _print_failing(failing: list[dict[str, Any]]) -> None:
+    """Name each failing report and its failed gates: the first thing to open after exit 1."""
+    for f in failing:
+        where = f["report"] or f"{f['target']} (no parity report: it did not build)"
+        click.secho(f"FAILED: {where}", fg="red", bold=True, err=True)
+        for gate in f["failures"]:
+            click.echo(f"  - {gate}", err=True)
+
+
+@main.command("reports")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--failed", is_flag=True, help="Only the reports whose gates failed.")
+def reports_cmd(folder: Path, failed: bool) -> None:
+    """List the parity reports under FOLDER (a run, a demo folder): one parity.md path per line on
+    stdout, its failed gates on stderr. Exit 0 either way; the listing is the answer."""
+    import json
+
+    from .validate import failed_gates, failing_reports
+
+    if failed:
+        paths = failing_reports(folder)
+    else:
+        paths = [p.with_name("parity.md") for p in sorted(folder.rglob("parity.json"))]
+    for path in paths:
+        click.echo(str(path))
+        try:
+            gates = failed_gates(path)
+            warnings = json.loads(path.with_name("parity.json").read_text(encoding="utf-8")).get("warnings") or []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        for gate in gates:
+            click.echo(f"  failed: {gate}", err=True)
+        for w in warnings:
+            click.echo(f"  warning: {w}", err=True)
 
 
 def _print_targets(rows: list[dict[str, Any]]) -> None:
@@ -431,6 +476,7 @@ def bundle_cmd(run: Path, target: str, out: Path, archive: bool, data: Path | No
         ["parity at bundle time", {True: "passed", False: "FAILED (--allow-failed)", None: "not validated"}[parity]],
         ["files", f"{len(m['files']) + 1} ({size / 1e6:.1f} MB)"],
         ["digest (manifest sha256)", result.digest]] + ([["archive", str(result.archive)]] if result.archive else []))
+    _print_warnings(m.get("warnings", []))
 
 
 @main.command("verify")
@@ -450,6 +496,7 @@ def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool) -> None:
                      f"min cosine {g.min_cosine:.6f}; ran {g.candidate.precision}",
                      "pass" if g.passed else "FAIL: " + "; ".join(g.failures)])
     _table(f"verify {bundle} (digest {result.manifest['manifest_sha256'][:16]}…)", ["check", "result", "gate"], rows)
+    _print_warnings(result.manifest.get("warnings", []))
     for note in result.notes:
         click.secho(f"note: {note}", fg="yellow", err=True)
     if not result.passed:
@@ -471,6 +518,7 @@ def infer_cmd(bundle: Path, source: str, max_frames: int | None, every: int) -> 
 
     summary = InferSummary()
     with open_bundle(bundle) as model:
+        _print_warnings(model.warnings)
         for record in infer_frames(model, iter_frames(source, max_frames=max_frames, every=every), summary):
             click.echo(json.dumps(record))
     s = summary.to_dict()

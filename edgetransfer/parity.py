@@ -117,18 +117,27 @@ class ParityReport:
     context: dict[str, Any] = field(default_factory=dict)  # run, data, spec: what was compared on what
     latency: dict[str, Any] | None = None  # of the deployed artifact, batch 1 (bench.Latency)
     summary: dict[str, Any] = field(default_factory=dict)  # the deployed artifact against torch fp32 and labels
+    #: the reference model's accuracy next to chance and majority-class baselines (`baselines.assess`)
+    baselines: dict[str, Any] | None = None
+    #: things a person must read although no gate failed (e.g. a model no better than chance)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return all(p.passed for p in self.pairs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "classes": self.classes, "context": self.context,
-                "pairs": [p.to_dict() for p in self.pairs],
-                "latency": self.latency, "summary": self.summary}
+        return {"passed": self.passed, "warnings": list(self.warnings), "classes": self.classes,
+                "context": self.context, "pairs": [p.to_dict() for p in self.pairs],
+                "latency": self.latency, "summary": self.summary, "baselines": self.baselines}
 
     def to_markdown(self) -> str:
-        lines = [f"# Parity report — {'PASSED' if self.passed else 'FAILED'}", ""]
+        verdict = "PASSED" if self.passed else "FAILED"
+        if self.warnings:
+            verdict += f", {len(self.warnings)} WARNING{'S' if len(self.warnings) > 1 else ''}"
+        lines = [f"# Parity report — {verdict}", ""]
+        for w in self.warnings:
+            lines += [f"> **WARNING:** {w}", ""]
         for key, value in self.context.items():
             lines.append(f"- **{key}**: {value}")
         lines += ["", "| pair | reference (precision) | candidate (precision) | samples | ref acc | cand acc | "

@@ -17,6 +17,7 @@ from .adapt.train import TrainConfig, TrainResult, config_record, train
 from .errors import DependencyError, GateFailed
 from .export import ONNX_FILE, export_onnx
 from .fsutil import write_json
+from .parity import ParityReport
 from .schema import from_dict, read_yaml
 from .spec import RunMeta
 from .stages import as_target, compile_run, quantize_run
@@ -73,7 +74,12 @@ def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None =
         log.error("%s failed: %s", tgt.name, exc)
         return {**row, "failed": str(exc), "passed": False}
     return {**row, **report.summary, "latency_ms": report.latency["p50_ms"], "passed": report.passed,
-            "report": str(run / tgt.name / "parity.md")}
+            "report": str(run / tgt.name / "parity.md"), "failures": _failures(report),
+            "warnings": list(report.warnings)}
+
+
+def _failures(report: ParityReport) -> list[str]:
+    return [f"{p.pair}: {f}" for p in report.pairs for f in p.failures]
 
 
 def _near(base: Path, value: str | None, *, yaml_only: bool = False) -> str | None:
@@ -101,8 +107,14 @@ def run_recipe(path: str | Path) -> dict[str, Any]:
     fp32 = validate(result.run, validate_data)
     rows = [deploy_target(result.run, t, calib=calib, data=validate_data) for t in targets]
     ran = [r for r in rows if r["passed"] is not None]
+    # where to look when it failed: each failing parity report and its failed gates
+    failing = ([{"target": None, "report": str(out / "parity.md"), "failures": _failures(fp32)}]
+               if not fp32.passed else [])
+    failing += [{"target": r["target"], "report": r.get("report"), "failures": r.get("failures") or [r.get("failed")]}
+                for r in ran if not r["passed"]]
     summary = {"run": str(out), "fp32_export_passed": fp32.passed, "targets": ran,
                "skipped": [r for r in rows if r["passed"] is None],
-               "passed": fp32.passed and all(r["passed"] for r in ran)}
+               "passed": fp32.passed and all(r["passed"] for r in ran), "failing_reports": failing,
+               "warnings": list(dict.fromkeys([*fp32.warnings, *(w for r in ran for w in r.get("warnings", []))]))}
     write_json(out / "recipe-summary.json", summary)
     return summary

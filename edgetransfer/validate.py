@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Runner, get_backend
+from .baselines import assess, summary_line, warning_of
 from .bench import measure
 from .data.folder import Sample, scan_split
 from .errors import UsageError
@@ -122,6 +123,11 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
                                       f"({deployed.runner.description}, {deployed.runner.precision})"},
         latency=latency.to_dict(), summary=deployed_summary(logits["torch"], logits[deployed.key], labels,
                                                            deployed.runner.precision))
+    report.baselines = held_out_baselines(meta, logits["torch"], labels)
+    report.context["torch fp32 accuracy vs baselines"] = summary_line(report.baselines)
+    if (warning := warning_of(report.baselines)) is not None:
+        report.warnings.append(warning)
+        log.warning("WARNING: %s", warning)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "parity.json", report.to_dict())
     write_text(out / "parity.md", report.to_markdown())
@@ -130,6 +136,40 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
     figure_pairs = {p.pair: (logits[a], logits[b]) for p, (a, b) in zip(pairs, _pair_keys(sides, tgt))}
     parity_figure(report, figure_pairs, labels, logits[deployed.key].argmax(1), out / "parity.png")
     return report
+
+
+def held_out_baselines(meta: RunMeta, reference: np.ndarray, labels: np.ndarray) -> dict:
+    """The reference (torch fp32) model's accuracy on the validated images next to chance and the
+    majority class of the run's train split, measured on these images (`baselines.assess`)."""
+    train_counts = (meta.data.get("counts") or {}).get("train") or {}
+    found = np.bincount(labels, minlength=len(meta.classes)) if len(labels) else np.zeros(len(meta.classes), int)
+    eval_counts = {c: int(n) for c, n in zip(meta.classes, found)}
+    accuracy = float((reference.argmax(1) == labels).mean()) if len(labels) else None
+    return assess(accuracy, meta.classes, train_counts, eval_counts, split="held-out")
+
+
+def failing_reports(folder: str | Path) -> list[Path]:
+    """The `parity.md` of every parity report under `folder` (a run, a demo folder, any tree) whose
+    gates failed, found from the `parity.json` beside it; sorted by path."""
+    import json
+
+    found = []
+    for path in sorted(Path(folder).rglob("parity.json")):
+        try:
+            passed = json.loads(path.read_text(encoding="utf-8")).get("passed")
+        except (OSError, ValueError, AttributeError):
+            continue  # not one of ours (or being written): nothing to point at
+        if passed is False:
+            found.append(path.with_name("parity.md"))
+    return found
+
+
+def failed_gates(report: str | Path) -> list[str]:
+    """'pair: gate' for every failed gate of the parity report `report` (its .md or .json path)."""
+    import json
+
+    data = json.loads(Path(report).with_name("parity.json").read_text(encoding="utf-8"))
+    return [f"{p['pair']}: {f}" for p in data.get("pairs", []) for f in p.get("failures", [])]
 
 
 def deployed_summary(reference: np.ndarray, deployed: np.ndarray, labels: np.ndarray, precision: str) -> dict:

@@ -37,6 +37,12 @@ def _check_run(result, run):
     assert x86["precision"] == "int8" and x86["latency_ms"] > 0
     parity = json.loads((run / "x86-onnxruntime" / "parity.json").read_text())
     assert parity["passed"] is x86["passed"]
+    # a failed gate names its report and gates, in the summary and in the output
+    assert bool(x86["failures"]) is not x86["passed"]
+    failing = [f["report"] for f in summary["failing_reports"]]
+    assert (x86["report"] in failing) is not x86["passed"]
+    if not x86["passed"]:
+        assert f"FAILED: {x86['report']}" in result.stderr
     assert (run / "x86-onnxruntime" / "compiled.json").is_file()
 
     [skipped] = summary["skipped"]

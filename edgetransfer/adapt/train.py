@@ -566,8 +566,19 @@ def _train(data: str | Path, run: Path, config: TrainConfig, resume: bool, world
     test = trainer.evaluate(EvalImages(splits.test, bb.input_spec)) if splits.test else {}
     best_meta.metrics.update({"test_accuracy": test.get("accuracy"), "test_samples": len(splits.test),
                               "epochs_run": len(history)})
+    # next to the accuracy: chance and majority-class baselines (on val when there is no test split)
+    from ..baselines import assess, summary_line
+
+    split = "test" if splits.test else "val"
+    counts = splits.counts()
+    baselines = assess(best_meta.metrics.get(f"{split}_accuracy"), splits.classes, counts["train"], counts[split],
+                       split=split)
+    best_meta.metrics["baselines"] = baselines
     if world.is_main:
         best_meta.save(run / META_FILE)
+        log.info("%s accuracy vs baselines: %s", split, summary_line(baselines))
+        if baselines["warning"]:
+            log.warning("WARNING: %s", baselines["warning"])
     world.barrier()
     return TrainResult(run=run, meta=best_meta, history=history)
 

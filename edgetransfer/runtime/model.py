@@ -91,6 +91,12 @@ class BundleModel:
         return self.manifest["manifest_sha256"]
 
     @property
+    def warnings(self) -> list[str]:
+        """What the bundle's maker was warned about and shipped anyway (e.g. accuracy no better than
+        chance); empty for a clean bundle. Recorded in the manifest by `bundle`."""
+        return [str(w) for w in self.manifest.get("warnings") or []]
+
+    @property
     def precision(self) -> str:
         return ran_precision(self.runner, self.manifest)
 
