@@ -166,7 +166,8 @@ def main(verbose: bool) -> None:
               help="surface: flips, 90° turns, light brightness/contrast (label-preserving for inspection); "
                    "natural: random crops, flips, colour jitter (photos of objects).")
 @click.option("--bn", type=click.Choice(["auto", "train", "frozen"]), default="auto", show_default=True,
-              help="BatchNorm statistics while training; auto keeps the pretrained ones below 16 images per batch.")
+              help="BatchNorm statistics while training; auto keeps the pretrained ones below 16 images per batch "
+                   "or 2,000 training images (the affine parameters still learn).")
 @click.option("--mean", type=(float, float, float), default=None,
               help="Per-channel mean in [0, 1], overriding the weights' own (needs --std). A weights file can "
                    "state it instead in FILE.json.")
@@ -208,7 +209,21 @@ def train(ctx: click.Context, data: Path, out: Path, resume: bool, nproc: int | 
         ["classes", ", ".join(result.meta.classes)], ["best epoch", m.get("best_epoch")],
         ["val accuracy", f"{m.get('val_accuracy', 0):.4f}"],
         ["test accuracy", "—" if m.get("test_accuracy") is None else f"{m['test_accuracy']:.4f}"],
-        ["test images", m.get("test_samples")]])
+        ["test images", m.get("test_samples")], *_baseline_rows(m.get("baselines"))])
+    if (b := m.get("baselines")) and b.get("warning"):
+        click.secho(f"WARNING: {b['warning']}", fg="red", bold=True, err=True)
+
+
+def _baseline_rows(b: dict[str, Any] | None) -> list[list[Any]]:
+    """Chance and majority-class accuracy next to the model's, and whether it clearly beats them."""
+    if not b:
+        return []
+    rows = [[f"chance ({b['split']})", f"{b['chance']:.4f}"]]
+    if b.get("majority") is not None:
+        rows.append([f"majority class '{b['majority_class']}'", f"{b['majority']:.4f}"])
+    if b.get("beats_baselines") is not None:
+        rows.append(["beats baselines", f"yes (> {b['threshold']:.4f})" if b["beats_baselines"] else "NO"])
+    return rows
 
 
 def _launch_torchrun(ctx: click.Context, data: Path, out: Path, config: Any, resume: bool, nproc: int) -> None:

@@ -35,13 +35,13 @@ class DemoConfig:
     backbone: str = "efficientnet_lite0"
     weights: str = "default"
     img_size: int = 160
-    generated_size: int = 128
+    generated_size: int = 160
     train_per_class: int = 50        # labelled images per class: 50 to train on + 10 to validate on
     val_per_class: int = 10
     test_per_class: int = 60         # held out, never seen by training, calibration or selection
-    epochs: int = 15
-    lr: float = 3e-3
-    backbone_lr_mult: float = 0.3
+    epochs: int = 8
+    lr: float = 2e-3
+    backbone_lr_mult: float = 1.0    # with the pretrained BatchNorm statistics kept (bn auto), see README
     batch_size: int = 32
     features_epochs: int = 30        # the frozen-backbone head: cheap epochs on cached embeddings
     features_lr: float = 1e-2

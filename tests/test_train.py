@@ -309,11 +309,21 @@ def test_surface_augmentation_keeps_every_pixel_of_the_deployed_view(tiny_data):
     assert turned >= 3, "flips and quarter turns should change most views"
 
 
-@pytest.mark.parametrize("bn, weights, batch, frozen", [
-    ("auto", "default", 8, True), ("auto", "default", 32, False), ("auto", "none", 8, False),
-    ("frozen", "none", 64, True), ("train", "default", 4, False)])
-def test_bn_policy(bn, weights, batch, frozen):
-    assert TrainConfig(bn=bn, weights=weights, batch_size=batch).bn_frozen() is frozen
+@pytest.mark.parametrize("bn, weights, batch, images, frozen", [
+    ("auto", "default", 8, 10_000, True), ("auto", "default", 32, 10_000, False), ("auto", "default", 32, 250, True),
+    ("auto", "none", 8, 250, False), ("frozen", "none", 64, 10_000, True), ("train", "default", 4, 250, False)])
+def test_bn_policy(bn, weights, batch, images, frozen):
+    assert TrainConfig(bn=bn, weights=weights, batch_size=batch).bn_frozen(1, images) is frozen
+
+
+def test_frozen_bn_statistics_stay_while_the_rest_learns(tiny_data, tmp_path):
+    out = train(tiny_data, tmp_path / "run", TrainConfig(**{**RUN_CONFIG, "bn": "frozen", "epochs": 1}))
+    trained = load_file(out.run / "model.safetensors")
+    torch.manual_seed(0)
+    start = create("resnet18", 5, weights="none", img_size=32).model.state_dict()
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], start[k]) for k in stats)
+    assert not torch.equal(trained["conv1.weight"], start["conv1.weight"])
 
 
 def test_unknown_recipe_choices_are_usage_errors():
