@@ -5,14 +5,15 @@ under torchrun with 2, and compares what the two wrote. The data is a learnable 
 training images each, 40 px) so that accuracy means something: on the conftest's subtle defects a
 2-epoch model sits at chance, where a BatchNorm difference flips predictions at random.
 
-The tolerance, and why it is not zero: with `--batch-size 8` each of the 2 processes takes 4 images
-of every global batch of 8 and DistributedDataParallel averages their gradients, so both runs take
-the same steps on the same images with the same augmentations, except that BatchNorm normalises over
-each process's 4 images instead of 8 (there is no SyncBatchNorm on the CPU; on CUDA the trainer
-converts to it). The finetuned run's test accuracy must therefore match the single-process run's
-within DDP_ACCURACY_TOLERANCE (2 of the 20 test images). Features mode has no such difference (the
-frozen backbone runs in eval mode and every process trains the head on the gathered cache), so it
-must match to float precision.
+Both modes must match the single-process run to float precision. With `--batch-size 8` each of
+the 2 processes takes 4 images of every global batch of 8 and DistributedDataParallel averages their
+gradients, so both runs take the same steps on the same images with the same augmentations. The one
+thing that could differ is BatchNorm's batch statistics (4 images per process instead of 8: there is
+no SyncBatchNorm on the CPU; on CUDA the trainer converts to it), and on 20 test images that noise
+moved the finetuned run's accuracy by 3 images on one CI machine and by none on another. So the
+finetune test runs with `--bn frozen` (the default for pretrained weights on small sets, where it
+applies anyway) and compares the weights themselves; features mode has a frozen backbone in eval mode
+and every process trains the head on the gathered cache.
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ from safetensors.torch import load_file
 
 from edgetransfer.adapt.train import TrainConfig, train
 from edgetransfer.cli import main
-
-#: |test accuracy (2 processes) - test accuracy (1 process)| for the finetuned run (20 test images)
-DDP_ACCURACY_TOLERANCE = 0.10
 
 CONFIG = dict(backbone="resnet18", weights="none", epochs=2, img_size=32, batch_size=8)
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40), "yellow": (210, 200, 40)}
@@ -80,9 +78,10 @@ def _files(run: Path) -> set[str]:
 
 
 def test_two_processes_finetune_on_disjoint_shards_and_match_one_process(colour_data, tmp_path):
-    single = train(colour_data, tmp_path / "single", TrainConfig(**CONFIG, mode="finetune"))
+    overrides = dict(mode="finetune", bn="frozen")
+    single = train(colour_data, tmp_path / "single", TrainConfig(**CONFIG, **overrides))
     out = tmp_path / "ddp"
-    proc = _run([sys.executable, "-m", "edgetransfer", *_args(colour_data, out, mode="finetune"), "--nproc", "2"])
+    proc = _run([sys.executable, "-m", "edgetransfer", *_args(colour_data, out, **overrides), "--nproc", "2"])
 
     # every epoch, the two processes stepped on disjoint halves of the training split, covering it
     shards = json.loads((out / "shards.json").read_text())
@@ -104,11 +103,13 @@ def test_two_processes_finetune_on_disjoint_shards_and_match_one_process(colour_
     ddp_acc, single_acc = ddp_meta["metrics"]["test_accuracy"], single.test_accuracy
     assert ddp_meta["metrics"]["test_samples"] == 20 and ddp_meta["metrics"]["epochs_run"] == CONFIG["epochs"]
     assert single_acc >= 0.9, "the single-process run must learn the task, or the comparison means nothing"
-    assert abs(ddp_acc - single_acc) <= DDP_ACCURACY_TOLERANCE, (ddp_acc, single_acc)
-    # the same optimisation: same number of steps, same schedule
+    # the same optimisation: same number of steps, same schedule, the same weights (no DDP "module." prefix)
     assert [r["lr"] for r in _rows(out)] == pytest.approx([r["lr"] for r in _rows(single.run)])
-    weights = load_file(str(out / "model.safetensors"))
-    assert weights.keys() == load_file(str(single.run / "model.safetensors")).keys()  # no DDP "module." prefix
+    a, b = load_file(str(single.run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-3, msg=key)
+    assert ddp_acc == single_acc
 
 
 def test_two_processes_in_features_mode_embed_disjoint_shards_and_match_exactly(colour_data, tmp_path):
