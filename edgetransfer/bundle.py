@@ -574,6 +574,7 @@ def _quantization_record(path: Path) -> dict[str, Any] | None:
         return None
     q = json.loads(path.read_text(encoding="utf-8"))
     return {k: q.get(k) for k in ("quantizer", "fp32_val_accuracy", "int8_val_accuracy", "drop", "within_budget",
+                                  "agreement", "min_agreement", "within_gates",
                                   "excluded_layers")}
 
 

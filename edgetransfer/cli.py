@@ -283,6 +283,11 @@ def validate(run: Path, data: Path | None, target: str | None, batch_size: int) 
 
     report = run_validate(run, data, target=target, batch_size=batch_size)
     _print_parity(report)
+    for p in report.pairs:
+        if p.failures and p.advice:
+            click.echo(f"{p.pair} failed ({'; '.join(p.failures)}); try next:", err=True)
+            for line in p.advice:
+                click.echo(f"  - {line}", err=True)
     # --target may be a YAML path: the report is in RUN/<the profile's name>/
     click.echo(f"report: {target_dir(run, as_target(target)) if target else run}/parity.md")
     _print_warnings(report.warnings)
@@ -338,25 +343,38 @@ def targets_show(name: str) -> None:
 @run_argument()
 @click.option("--target", required=True, help="Target profile name or YAML path.")
 @click.option("--calib", default=None, help="Calibration preset name or YAML path (default: the target's).")
-def quantize(run: Path, target: str, calib: str | None) -> None:
-    """Calibrate on train/val images and write RUN/<target>/model.int8.onnx (explicit QDQ)."""
+@click.option("--quantizer", type=click.Choice(["auto", "onnxruntime", "nncf"]), default=None,
+              help="Override the target's quantizer.")
+@click.option("--max-fallback-layers", type=click.IntRange(min=0), default=None,
+              help="Override how many layers the gates may keep in fp32.")
+def quantize(run: Path, target: str, calib: str | None, quantizer: str | None,
+             max_fallback_layers: int | None) -> None:
+    """Calibrate on train/val images and write RUN/<target>/model.int8.onnx (explicit QDQ); exit 1 when
+    the INT8 model misses the target's quantization gates (accuracy drop, agreement with fp32)."""
     from .stages import quantize_run
 
-    result = quantize_run(run, target, calib=calib)
+    result = quantize_run(run, target, calib=calib, quantizer=quantizer, max_fallback_layers=max_fallback_layers)
     r = result.report
     rows = [[c["quantizer"], _fmt(c.get("val_accuracy")), _fmt(c.get("agreement")), c.get("error", "")]
             for c in r.candidates]
     _table(f"quantizers tried (fp32 validation accuracy {r.fp32_val_accuracy:.4f})",
            ["quantizer", "INT8 val accuracy", "agreement", "note"], rows)
+    gate = "" if r.min_agreement is None else f" and agreement >= {r.min_agreement}"
     if r.fallback:
-        _table(f"kept in fp32 to meet the {r.budget} point budget",
-               ["layer", "op", "val accuracy after", "drop after (pts)", "saved (pts)"],
+        _table(f"kept in fp32 to meet the {r.budget} point budget{gate}",
+               ["layer", "op", "val accuracy after", "drop after (pts)", "saved (pts)", "agreement after"],
                [[f["layer"], f["op_type"], _fmt(f["val_accuracy_after"]), f"{f['drop_after']:.2f}",
-                 f"{f['saved_points']:.2f}"] for f in r.fallback])
+                 f"{f['saved_points']:.2f}", _fmt(f.get("agreement_after"))] for f in r.fallback])
     click.echo(f"wrote {result.model} with {r.quantizer}: drop {r.drop:.2f} points "
-               f"({'within' if r.within_budget else 'OVER'} the {r.budget} point budget); "
-               f"calibration: {result.calibration['count']} images")
-    if not r.within_budget:
+               f"({'within' if r.within_budget else 'OVER'} the {r.budget} point budget), agreement with fp32 "
+               f"{r.agreement:.4f} on {r.agreement_samples} val + calibration images"
+               + ("" if r.min_agreement is None else
+                  f" ({'meets' if r.agreement >= r.min_agreement else 'BELOW'} the {r.min_agreement} gate)")
+               + f"; calibration: {result.calibration['count']} images")
+    if not r.within_gates:
+        click.echo("INT8 misses the target's quantization gates; try next:", err=True)
+        for line in r.advice:
+            click.echo(f"  - {line}", err=True)
         sys.exit(1)
 
 

@@ -47,6 +47,7 @@ class PairReport:
     gates: Gates
     failures: list[str] = field(default_factory=list)
     disagreement_confusion: list[list[int]] | None = None  # rows: reference prediction, cols: candidate
+    advice: list[str] = field(default_factory=list)  # when a gate failed: what to try next (the caller's words)
 
     @property
     def passed(self) -> bool:
@@ -153,6 +154,8 @@ class ParityReport:
         for p in self.pairs:
             if p.failures:
                 lines += ["", f"## {p.pair}: failed gates", *[f"- {f}" for f in p.failures]]
+            if p.failures and p.advice:
+                lines += ["", f"## {p.pair}: what to try next", *[f"{i}. {a}" for i, a in enumerate(p.advice, 1)]]
             if p.disagreement_confusion is not None:
                 lines += ["", f"## {p.pair}: where predictions disagree",
                           "rows: reference prediction, columns: candidate prediction", "",

@@ -5,9 +5,11 @@ DequantizeLinear graphs as real INT8, so one file serves every target (DESIGN.md
 
 Who quantizes is a small class per tool filling two hooks (`available`, `_quantize`), looked up by
 name in `QUANTIZERS`; nothing else here knows which tool ran. `quantize_model` tries the scheme's
-quantizer (or every available one for `auto`), measures each against fp32 on the validation arrays
-in ONNX Runtime, keeps the best (`_preference`), and — when the drop is over the budget — keeps layers in fp32, most
-sensitive first, until it is within the budget (the report lists what each layer saved).
+quantizer (or every available one for `auto`), measures each against fp32 in ONNX Runtime, keeps the
+best (`_preference`), and — when it misses a gate of the target profile (the accuracy drop budget on
+the validation split, or top-1 agreement with fp32 on the validation + calibration images: `Goal`) —
+keeps layers in fp32, most sensitive first, until every gate is met (the report lists what each layer
+saved, and what to try next when the gates are still missed).
 
 "Keep layer L in fp32" means the same thing whichever tool quantized: L's weights are fp32 and L
 reads fp32 activations. Tools disagree on the second half (ONNX Runtime leaves the Q/DQ pair that
@@ -28,8 +30,8 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,7 +40,7 @@ import numpy as np
 from .errors import DependencyError, UsageError
 from .fsutil import atomic_path
 from .progress import progress_bar
-from .targets import CalibrationPreset, Quantization
+from .targets import CalibrationPreset, GateSpec, Quantization
 
 if TYPE_CHECKING:
     import onnx
@@ -72,6 +74,15 @@ class QuantizationReport:
     fallback: list[dict[str, Any]]
     excluded_layers: list[str]
     quantized_layers: int
+    #: top-1 agreement of INT8 with fp32 on the agreement images (validation + calibration, see
+    #: `quantize_model`), how many images that is, and the gate it must meet (None: no agreement gate)
+    agreement: float = 1.0
+    agreement_samples: int = 0
+    min_agreement: float | None = None
+    #: the drop is within the budget *and* the agreement meets `min_agreement`: what `validate` enforces
+    within_gates: bool = True
+    #: when a gate is missed: what to try next, most promising first (empty when within the gates)
+    advice: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,16 +287,35 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
 # ---- the one function the stages call ----------------------------------------------------------
 
 def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
-                   calibration: Sequence[np.ndarray], validation: tuple[np.ndarray, np.ndarray]) -> QuantizationReport:
+                   calibration: Sequence[np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                   gates: GateSpec | None = None) -> QuantizationReport:
     """Write the QDQ model to `out` (one .onnx file, atomically) and report how it compares with fp32.
 
     `calibration`: NCHW float32 batches from train/val (never test). `validation`: (images, labels) of
-    the validation split: candidates are ranked and the budget is judged on it. The model is written
-    even when it is over the budget (the caller turns `within_budget=False` into exit code 1).
+    the validation split. `gates`: the target profile's quantization gates (`gates.quantization`),
+    the ones `validate` will enforce on the test images; None judges the accuracy budget alone.
+
+    The model must meet every gate, not only the budget: the accuracy drop on the validation split
+    must be within `scheme.max_drop` (and within `gates.max_accuracy_drop` when that is stricter), and
+    the top-1 agreement with fp32 must reach `gates.min_agreement`. When it does not, the fallback
+    keeps layers in fp32 until it does (or runs out of layers it may keep).
+
+    Where agreement is measured — the validation images *and* the calibration images: agreement with
+    fp32 needs no labels, and the validation split alone is too coarse to judge a 0.99 gate (on 50
+    images one disagreement is 0.98, and a model at 0.985 on the test images reads as 1.0 or 0.98 by
+    luck). The calibration images (300 with the default preset) are images of the same distribution
+    that the test split is drawn from; they set the quantization ranges, but a range is one min/max
+    (or percentile) per tensor, so the function is hardly fitted to them and agreement measured on
+    them tracks held-out agreement closely. Images in both sets (calibration may draw from val) count
+    once. Accuracy, which needs labels, stays on the validation split.
+
+    The model is written even when a gate is missed (the caller turns `within_gates=False` into exit
+    code 1); `advice` then says what to try next.
     """
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     x_val, labels = _check_inputs(fp32_onnx, out, scheme, calibration, validation)
     quantizers = _select_quantizers(scheme.quantizer)
+    goal = Goal.of(scheme, gates)
 
     with tempfile.TemporaryDirectory(prefix="edgetransfer-quantize-") as tmp, contextlib.ExitStack() as stack:
         ctx = _Context(fp32_onnx, Path(tmp), scheme, preset, calibration, x_val, labels)
@@ -310,27 +340,104 @@ def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: 
             raise UsageError("no quantizer could quantize the model: " + "; ".join(failures), path=fp32_onnx)
         best, quantizer = max(trials, key=lambda t: _preference(t[0]))
         fallback: list[dict[str, Any]] = []
-        if ctx.drop(best) > scheme.max_drop and scheme.fallback and scheme.max_fallback_layers > 0:
-            best, fallback = _fallback(ctx, quantizer, best)
+        if not goal.met(ctx.drop(best), best.agreement) and scheme.fallback and scheme.max_fallback_layers > 0:
+            best, fallback = _fallback(ctx, quantizer, best, met=lambda t: goal.met(ctx.drop(t), t.agreement),
+                                       rank=lambda t: goal.rank(ctx.drop(t), t.agreement))
         quantized_layers = len(_quantized_layers(ctx.load(best.path)))
         with atomic_path(out) as tmp_out:
             shutil.copyfile(best.path, tmp_out)
     drop = ctx.drop(best)
+    within_gates = goal.met(drop, best.agreement)
     report = QuantizationReport(
         quantizer=quantizer.name, candidates=candidates, fp32_val_accuracy=ctx.fp32_accuracy,
-        int8_val_accuracy=best.accuracy, drop=drop, budget=scheme.max_drop,
-        within_budget=drop <= scheme.max_drop + 1e-9, fallback=fallback, excluded_layers=list(best.exclude),
-        quantized_layers=quantized_layers)
-    log.info("quantized with %s: %.2f points drop (budget %.2f), %d layers kept in fp32",
-             report.quantizer, drop, scheme.max_drop, len(fallback))
+        int8_val_accuracy=best.accuracy, drop=drop, budget=goal.max_drop,
+        within_budget=drop <= goal.max_drop + 1e-9, fallback=fallback, excluded_layers=list(best.exclude),
+        quantized_layers=quantized_layers, agreement=best.agreement, agreement_samples=ctx.agreement_samples,
+        min_agreement=goal.min_agreement, within_gates=within_gates)
+    if not within_gates:
+        report.advice = quantization_advice(report, scheme=scheme, preset=preset, tried=[q.name for q in quantizers],
+                                            validation_samples=len(x_val))
+    log.info("quantized with %s: %.2f points drop (budget %.2f), agreement %.4f on %d images (gate %s), "
+             "%d layers kept in fp32", report.quantizer, drop, goal.max_drop, best.agreement,
+             ctx.agreement_samples, goal.min_agreement, len(fallback))
     return report
+
+
+# ---- the gates the search aims at ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Goal:
+    """What the quantized model must meet: the accuracy budget and the agreement gate.
+
+    `max_drop`: points on the labelled validation split (the stricter of the scheme's budget and the
+    profile's `gates.quantization.max_accuracy_drop`). `min_agreement`: top-1 agreement with fp32 on
+    the agreement images (None: no agreement gate).
+    """
+
+    max_drop: float
+    min_agreement: float | None = None
+
+    @classmethod
+    def of(cls, scheme: Quantization, gates: GateSpec | None) -> Goal:
+        max_drop = scheme.max_drop
+        if gates is not None and gates.max_accuracy_drop is not None:
+            max_drop = min(max_drop, gates.max_accuracy_drop)
+        return cls(max_drop=max_drop, min_agreement=None if gates is None else gates.min_agreement)
+
+    def misses(self, drop: float, agreement: float) -> list[str]:
+        """The gates missed, in words (empty: every gate met)."""
+        out = []
+        if drop > self.max_drop + 1e-9:
+            out.append(f"accuracy drop {drop:.2f} points > {self.max_drop}")
+        if self.min_agreement is not None and agreement < self.min_agreement - 1e-12:
+            out.append(f"top-1 agreement with fp32 {agreement:.4f} < {self.min_agreement}")
+        return out
+
+    def met(self, drop: float, agreement: float) -> bool:
+        return not self.misses(drop, agreement)
+
+    def rank(self, drop: float, agreement: float) -> tuple[int, float, float]:
+        """Higher is better: gates met, then agreement, then accuracy (the smaller drop)."""
+        return (-len(self.misses(drop, agreement)), agreement, -drop)
+
+
+def quantization_advice(report: QuantizationReport, *, scheme: Quantization, preset: CalibrationPreset,
+                        tried: Sequence[str], validation_samples: int) -> list[str]:
+    """What to try next when the INT8 model misses a gate: concrete commands, most promising first."""
+    advice = []
+    presets = [p for p in ("percentile", "entropy") if p != preset.name]
+    if presets:
+        advice.append(f"calibrate differently: `edgetransfer quantize RUN --target TARGET --calib {presets[0]}` "
+                      f"(or --calib {' / '.join(presets[1:] or presets)}); ranges that clip rare outliers keep "
+                      f"more resolution for typical activations (used: {preset.name}, {preset.method})")
+    others = [name for name in QUANTIZERS if name not in tried]
+    if others:
+        advice.append(f"another quantizer: `--quantizer {others[0]}` (tried: {', '.join(tried)})")
+    if len(report.excluded_layers) >= scheme.max_fallback_layers or not scheme.fallback:
+        advice.append(f"allow more layers in fp32: `--max-fallback-layers {max(2 * scheme.max_fallback_layers, 4)}` "
+                      f"(the search stopped at {scheme.max_fallback_layers}; each costs some INT8 speed)")
+    elif report.fallback or report.excluded_layers:
+        advice.append("the layers left in INT8 bring no error of their own that keeping them in fp32 would "
+                      "remove: the loss is spread out; a calibration preset or another quantizer helps more")
+    if scheme.weights == "per_tensor":
+        advice.append("per-channel weights (quantization.weights: per_channel in a copy of the profile, "
+                      "`edgetransfer targets show TARGET > my.yaml`, then --target my.yaml)")
+    if report.min_agreement is not None and report.min_agreement < 1.0:
+        needed = int(np.ceil(1.0 / (1.0 - report.min_agreement)))
+        if validation_samples < needed:
+            advice.append(f"more validation images: {validation_samples} labelled images judge the accuracy budget "
+                          f"in steps of {100.0 / validation_samples:.1f} points and one disagreement of "
+                          f"{needed} test images already misses agreement {report.min_agreement}; "
+                          f"aim for at least {needed} in val/ and test/")
+    return advice
 
 
 # ---- measuring --------------------------------------------------------------------------------
 
 @dataclass
 class _Trial:
-    """One quantized model and how it did on the validation arrays."""
+    """One quantized model and how it did: accuracy on the validation split, agreement with fp32 on
+    the agreement images (validation + calibration)."""
 
     path: Path
     exclude: tuple[str, ...]
@@ -348,7 +455,11 @@ class _Context:
         self.fp32_onnx, self.workdir, self.scheme, self.preset = fp32_onnx, workdir, scheme, preset
         self.calibration, self.x_val, self.labels = calibration, x_val, labels
         self.reference = onnx.load(str(fp32_onnx))
-        self.fp32_logits = onnx_logits(fp32_onnx, x_val)
+        #: validation images first, then the calibration images not among them
+        self.x_agree: list[np.ndarray] = [x_val, *_unseen(calibration, x_val)]
+        self.agreement_samples = sum(len(x) for x in self.x_agree)
+        self.fp32_agree = onnx_logits(fp32_onnx, self.x_agree)
+        self.fp32_logits = self.fp32_agree[:len(x_val)]
         self.fp32_accuracy = _accuracy(self.fp32_logits, labels)
         self._count = 0
 
@@ -367,18 +478,30 @@ class _Context:
 
     def trial(self, quantizer: Quantizer, exclude: Sequence[str]) -> _Trial:
         path = self.build(quantizer, exclude)
-        logits = onnx_logits(path, self.x_val)
-        return _Trial(path=path, exclude=tuple(exclude), accuracy=_accuracy(logits, self.labels),
-                      agreement=float((logits.argmax(1) == self.fp32_logits.argmax(1)).mean()))
+        logits = onnx_logits(path, self.x_agree)
+        return _Trial(path=path, exclude=tuple(exclude), accuracy=_accuracy(logits[:len(self.x_val)], self.labels),
+                      agreement=float((logits.argmax(1) == self.fp32_agree.argmax(1)).mean()))
 
     def drop(self, trial: _Trial) -> float:
         return round((self.fp32_accuracy - trial.accuracy) * 100.0, 6)
 
 
+def _unseen(calibration: Sequence[np.ndarray], x_val: np.ndarray) -> list[np.ndarray]:
+    """The calibration batches without the images that are also validation images (no copy when none is)."""
+    seen = {hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest() for x in x_val}
+    out = []
+    for batch in calibration:
+        keep = np.array([hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest() not in seen for x in batch])
+        if keep.all():
+            out.append(batch)
+        elif keep.any():
+            out.append(batch[keep])
+    return out
+
+
 def _preference(trial: _Trial) -> tuple[float, float]:
     """How `auto` ranks quantizers: the highest top-1 agreement with fp32, then accuracy; ties keep
-    QUANTIZERS' order (max is stable). The accuracy budget is then enforced on the chosen one by
-    the fallback.
+    QUANTIZERS' order (max is stable). The gates are then enforced on the chosen one by the fallback.
 
     Agreement first because it bounds everything else: two models that agree on a fraction a of the
     images differ in accuracy by at most 1 − a, while on a validation split of a few dozen images an
@@ -388,8 +511,10 @@ def _preference(trial: _Trial) -> tuple[float, float]:
     return trial.agreement, trial.accuracy
 
 
-def onnx_logits(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """Run a model (path or ModelProto) in ONNX Runtime on the CPU, in batches."""
+def onnx_logits(model: Path | onnx.ModelProto, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Run a model (path or ModelProto) in ONNX Runtime on the CPU, in batches.
+
+    `x`: one NCHW array, or a sequence of them (their logits are concatenated in order)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -397,8 +522,9 @@ def onnx_logits(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: _as_input(x[i:i + EVAL_BATCH])})[0]
-                           for i in range(0, len(x), EVAL_BATCH)])
+    arrays = [x] if isinstance(x, np.ndarray) else list(x)
+    return np.concatenate([session.run(None, {name: _as_input(a[i:i + EVAL_BATCH])})[0]
+                           for a in arrays for i in range(0, len(a), EVAL_BATCH)])
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -411,21 +537,28 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---- the accuracy budget ----------------------------------------------------------------------
 
-def _fallback(ctx: _Context, quantizer: Quantizer, start: _Trial) -> tuple[_Trial, list[dict[str, Any]]]:
-    """Keep layers in fp32, most sensitive first, until the drop is within the budget.
+def _fallback(ctx: _Context, quantizer: Quantizer, start: _Trial, *, met: Callable[[_Trial], bool],
+              rank: Callable[[_Trial], Any]) -> tuple[_Trial, list[dict[str, Any]]]:
+    """Keep layers in fp32, most sensitive first, until `met(trial)` (every gate: `Goal.met`).
+
+    The search knows no gate itself: `met` says when to stop and `rank` (higher is better) which step
+    to keep when none meets them.
 
     Ranking is cheap: one extra quantization with fp32 weights behind Q→DQ pairs, then per layer a
     graph edit that leaves *only that layer* in INT8 (every other layer fp32, on fp32 inputs), scored
-    by the logit error vs fp32 (on up to RANKING_SAMPLES validation images) that it alone brings, as a
-    share of the error of the whole INT8 model. Leave-one-in, not leave-one-out: with two independent
-    culprits, keeping either one alone in fp32 changes nothing, so leave-one-out ranks by noise.
-    Each layer kept is then real: the quantizer runs again with the exclusions and the full
-    validation set judges it. Returns the best step (ties: fewer layers) and one row per layer kept.
+    by the logit error vs fp32 (on up to RANKING_SAMPLES of the agreement images: no labels needed)
+    that it alone brings, as a share of the error of the whole INT8 model. Leave-one-in, not
+    leave-one-out: with two independent culprits, keeping either one alone in fp32 changes nothing,
+    so leave-one-out ranks by noise. Each layer kept is then real: the quantizer runs again with the
+    exclusions and the full validation and agreement images judge it. Returns the first step that
+    meets the gates (else the best by `rank`, ties: fewer layers) and one row per layer kept.
     """
     fake = ctx.load(ctx.build(quantizer, (), float_weights=True))
-    # evenly spaced, not the first N: validation arrays are often ordered by class
-    pick = np.unique(np.linspace(0, len(ctx.x_val) - 1, min(RANKING_SAMPLES, len(ctx.x_val))).astype(int))
-    x_rank, ref = ctx.x_val[pick], ctx.fp32_logits[pick]
+    x_all = np.concatenate(ctx.x_agree) if len(ctx.x_agree) > 1 else ctx.x_val
+    # evenly spaced, not the first N: image arrays are often ordered by class
+    pick = np.unique(np.linspace(0, len(x_all) - 1, min(RANKING_SAMPLES, len(x_all))).astype(int))
+    x_rank, ref = x_all[pick], ctx.fp32_agree[pick]
+    del x_all
     layers = _quantized_layers(fake)
     names = [name for name, _ in layers]
 
@@ -446,15 +579,18 @@ def _fallback(ctx: _Context, quantizer: Quantizer, start: _Trial) -> tuple[_Tria
     steps, rows = [start], []
     allowed = scores[:ctx.scheme.max_fallback_layers]
     for sensitivity, name, op_type in progress_bar(allowed, "keeping layers in fp32", total=len(allowed)):
-        if sensitivity <= 0 or ctx.drop(steps[-1]) <= ctx.scheme.max_drop:
-            break  # within budget, or no layer left that brings error of its own
+        if sensitivity <= 0 or met(steps[-1]):
+            break  # every gate met, or no layer left that brings error of its own
         trial = ctx.trial(quantizer, (*steps[-1].exclude, name))
         rows.append({"layer": name, "op_type": op_type, "sensitivity": round(sensitivity, 6),
                      "val_accuracy_after": trial.accuracy, "drop_after": ctx.drop(trial),
+                     "agreement_after": trial.agreement,
                      "saved_points": round(ctx.drop(steps[-1]) - ctx.drop(trial), 6)})
-        log.info("kept %s in fp32: drop %.2f → %.2f points", name, ctx.drop(steps[-1]), ctx.drop(trial))
+        log.info("kept %s in fp32: drop %.2f → %.2f points, agreement %.4f → %.4f", name, ctx.drop(steps[-1]),
+                 ctx.drop(trial), steps[-1].agreement, trial.agreement)
         steps.append(trial)
-    best = max(range(len(steps)), key=lambda i: (steps[i].accuracy, steps[i].agreement, -i))
+    passing = [i for i, step in enumerate(steps) if met(step)]
+    best = passing[0] if passing else max(range(len(steps)), key=lambda i: (rank(steps[i]), -i))
     return steps[best], rows[:best]
 
 
@@ -716,5 +852,5 @@ def _check_inputs(fp32_onnx: Path, out: Path, scheme: Quantization, calibration:
     return x_val, labels.astype(np.int64)
 
 
-__all__ = ["COMPUTE_OPS", "QUANTIZERS", "NncfQuantizer", "OnnxRuntimeQuantizer", "QuantizationReport", "Quantizer",
-           "quantize_model"]
+__all__ = ["COMPUTE_OPS", "QUANTIZERS", "Goal", "NncfQuantizer", "OnnxRuntimeQuantizer", "QuantizationReport", "Quantizer",
+           "quantization_advice", "quantize_model"]

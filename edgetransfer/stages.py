@@ -81,17 +81,26 @@ class QuantizeResult:
     calibration: dict[str, Any]
 
 
-def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | Path | None = None) -> QuantizeResult:
+def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | Path | None = None,
+                 quantizer: str | None = None, max_fallback_layers: int | None = None) -> QuantizeResult:
     """Calibrate on train/val images (never test) and write `RUN/<target>/model.int8.onnx`.
 
     Also writes `calibration.json` (every image used, with its sha256) and `quantization.json` (the
-    quantizers tried, accuracy before/after, and each layer the accuracy budget kept in fp32).
+    quantizers tried, accuracy and agreement before/after, each layer kept in fp32 to meet the
+    target's quantization gates, and what to try next when they are missed). `quantizer` and
+    `max_fallback_layers` override the profile's (the `target.yaml` written records what ran).
     """
+    import dataclasses
+
     from .quantize import quantize_model
 
     run, tgt = Path(run), as_target(target)
     if tgt.quantization is None:
         raise UsageError(f"target {tgt.name} is {tgt.precision}; it has no quantization step", field="precision")
+    overrides = {k: v for k, v in {"quantizer": quantizer, "max_fallback_layers": max_fallback_layers}.items()
+                 if v is not None}
+    if overrides:
+        tgt = dataclasses.replace(tgt, quantization=dataclasses.replace(tgt.quantization, **overrides))
     meta = RunMeta.load(run / "meta.json")
     fp32 = run / ONNX_FILE
     if not fp32.exists():
@@ -110,7 +119,8 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     val = load_arrays(splits.val, meta.input_spec, description="validation images")
     labels = np.array([s.label for s in splits.val])
     report = quantize_model(fp32, out / INT8_FILE, scheme=tgt.quantization, preset=preset,
-                            calibration=calibration, validation=(np.concatenate(val), labels))
+                            calibration=calibration, validation=(np.concatenate(val), labels),
+                            gates=tgt.gates.quantization)
     write_json(out / "quantization.json", report.to_dict())
     return QuantizeResult(model=out / INT8_FILE, report=report, calibration=chosen.record)
 

@@ -106,7 +106,7 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
         batched, few_labels = run_all(few, meta.input_spec, {"deployed": deployed.runner}, batch_size=batch_max)
         latency = measure(deployed.runner, (3, meta.input_spec.height, meta.input_spec.width),
                           batch=1, warmup=3, iterations=20)
-        pairs = _pairs(sides, logits, labels, tgt)
+        pairs = _pairs(sides, logits, labels, tgt, run)
         pairs.append(compare(f"dynamic batch: {deployed.runner.description} batch 1 vs {batch_max}",
                              deployed.side(f" batch {batch_max}"), deployed.side(" batch 1"),
                              batched["deployed"], single["deployed"], few_labels,
@@ -191,7 +191,7 @@ def _pair_keys(sides: dict[str, _Side], tgt: Target | None) -> list[tuple[str, s
 
 
 def _pairs(sides: dict[str, _Side], logits: dict[str, np.ndarray], labels: np.ndarray,
-           tgt: Target | None) -> list[PairReport]:
+           tgt: Target | None, run: Path | None = None) -> list[PairReport]:
     names = {("torch", "onnx"): "export fidelity: torch fp32 vs ONNX fp32",
              ("torch", "qdq"): "quantization effect: torch fp32 vs INT8 QDQ (ONNX Runtime)",
              ("torch", "compiled"): f"precision effect: torch fp32 vs compiled {tgt.precision if tgt else ''}",
@@ -207,8 +207,69 @@ def _pairs(sides: dict[str, _Side], logits: dict[str, np.ndarray], labels: np.nd
             gates = tgt.gates.quantization.gates()
         else:
             gates = tgt.gates.compiler.gates()
-        out.append(compare(names[(a, b)], sides[a].side(), sides[b].side(), logits[a], logits[b], labels, gates))
+        report = compare(names[(a, b)], sides[a].side(), sides[b].side(), logits[a], logits[b], labels, gates)
+        if report.failures:
+            report.advice = pair_advice((a, b), report, tgt, run)
+        out.append(report)
     return out
+
+
+def pair_advice(pair: tuple[str, str], report: PairReport, tgt: Target | None, run: Path | None = None) -> list[str]:
+    """What to try next when `report` failed a gate: concrete commands, most promising first.
+
+    `pair`: the sides' keys (torch/onnx/qdq/compiled). For the quantization pair the advice reads
+    what `quantize` recorded (RUN/<target>/quantization.json) to say which knob is left to turn.
+    """
+    name = tgt.name if tgt else "TARGET"
+    out: list[str] = []
+    if pair == ("torch", "onnx"):
+        out.append("the ONNX export itself differs from torch: validate without --target to see it alone, and "
+                   "re-export with another opset (`edgetransfer export RUN --opset 17`)")
+    elif pair == ("torch", "qdq") and tgt is not None and tgt.quantization is not None:
+        q = tgt.quantization
+        record = _read_quantization(run, tgt)
+        if record and record.get("min_agreement") is not None and record.get("within_gates"):
+            out.append(f"`quantize` met the gates on its {record.get('agreement_samples')} val + calibration images "
+                       f"(agreement {record.get('agreement', 0):.4f}) but the {report.samples} test images disagree "
+                       "more: the val/train images may not represent the test images; add val images like them")
+        out.append(f"calibrate differently: `edgetransfer quantize RUN --target {name} --calib percentile` "
+                   f"(or --calib entropy); used: {q.calibration}")
+        other = "nncf" if (record or {}).get("quantizer", q.quantizer) != "nncf" else "onnxruntime"
+        out.append(f"another quantizer: `edgetransfer quantize RUN --target {name} --quantizer {other}`")
+        layers = len((record or {}).get("excluded_layers") or [])
+        out.append(f"allow more layers in fp32: `edgetransfer quantize RUN --target {name} --max-fallback-layers "
+                   f"{max(2 * q.max_fallback_layers, 4)}` ({layers} kept now, at most {q.max_fallback_layers})")
+        out.append(f"then `edgetransfer compile RUN --target {name}` and validate again")
+    elif pair[0] == "torch":
+        out.append(f"the {tgt.precision if tgt else ''} model moved too far from fp32: try the INT8 or fp32 profile "
+                   "of the same device, or validate on a device whose precision units the profile names")
+    else:  # compiler fidelity: the runtime changed the function of the file it was given
+        out.append("the runtime did not run the function of the file it compiled: check the candidate precision "
+                   "in the table (bf16/fp16 where fp32 was asked means a precision hint was ignored)")
+        if tgt is not None and tgt.quantization is not None and tgt.quantization.activations != "symmetric":
+            out.append("quantize with signed, symmetric activations (quantization.activations: symmetric in a copy "
+                       f"of the profile: `edgetransfer targets show {name} > my.yaml`, then --target my.yaml); "
+                       "unsigned asymmetric activations are where CPU INT8 kernels differ most")
+        out.append("report the model and CPU (`lscpu`) to the project: a compiler gate is not loosened to pass")
+    if tgt is not None and report.gates.min_agreement is not None and report.gates.min_agreement < 1.0:
+        needed = int(np.ceil(1.0 / (1.0 - report.gates.min_agreement)))
+        if report.samples < needed:
+            out.append(f"more test images: on {report.samples} images one disagreement is "
+                       f"{1.0 / report.samples:.3f} of agreement; the {report.gates.min_agreement} gate needs "
+                       f"{needed} or more to tell a model that misses it from one unlucky image (--data DIR)")
+    return out
+
+
+def _read_quantization(run: Path | None, tgt: Target) -> dict | None:
+    import json
+
+    path = None if run is None else target_dir(Path(run), tgt) / "quantization.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _batch_tolerance(tgt: Target | None) -> float:

@@ -26,7 +26,7 @@ from onnx import TensorProto, numpy_helper
 
 from edgetransfer.errors import DependencyError, UsageError
 from edgetransfer.quantize import QUANTIZERS, OnnxRuntimeQuantizer, QuantizationReport, quantize_model
-from edgetransfer.targets import CalibrationPreset, Quantization
+from edgetransfer.targets import CalibrationPreset, GateSpec, Quantization, load_target
 
 CLASSES = ["top_left_r", "top_right_g", "bottom_left_b", "bottom_right_r"]
 SIZE = 16
@@ -134,6 +134,19 @@ def weight_outlier(fp32_onnx) -> Path:
 
 
 @pytest.fixture(scope="module")
+def agreement_outlier(fp32_onnx) -> Path:
+    """A milder weight outlier (90x, per-tensor): INT8 flips a few predictions both ways, so the accuracy
+    drop is within the 0.5 point budget while top-1 agreement with fp32 is below the 0.99 gate."""
+    def edit(w, c):
+        conv1, conv2 = c[0], c[1]
+        w[conv1.input[1]][0] = 0.0
+        w[conv1.input[2]][0] = 0.0
+        w2 = w[conv2.input[1]]
+        w2[0, 0, 1, 1] = 90 * np.abs(w2).max()
+    return edited(fp32_onnx, "agreement_outlier.onnx", edit)
+
+
+@pytest.fixture(scope="module")
 def two_culprits(fp32_onnx) -> Path:
     """Both outliers at once: conv2's weights (per-tensor) and conv3's input activations."""
     def edit(w, c):
@@ -155,9 +168,13 @@ def logits(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def run(fp32: Path, out: Path, data, **scheme) -> QuantizationReport:
+def run(fp32: Path, out: Path, data, gates: GateSpec | None = None, **scheme) -> QuantizationReport:
     return quantize_model(fp32, out, scheme=Quantization(**scheme), preset=PRESET,
-                          calibration=data["calibration"], validation=data["validation"])
+                          calibration=data["calibration"], validation=data["validation"], gates=gates)
+
+
+#: what the x86/OpenVINO INT8 profiles gate on (validate enforces them on the test images)
+PROFILE_GATES = load_target("x86-onnxruntime").gates.quantization
 
 
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -360,3 +377,58 @@ def test_fallback_stops_at_max_fallback_layers(weight_outlier, data, tmp_path):
     r = run(weight_outlier, tmp_path / "q.onnx", data, quantizer="onnxruntime", weights="per_tensor",
             max_fallback_layers=0)
     assert r.fallback == [] and r.excluded_layers == [] and not r.within_budget
+
+
+# ---- every gate, not only the budget -----------------------------------------------------------------
+
+def test_search_keeps_layers_in_fp32_until_the_agreement_gate_passes(agreement_outlier, data, tmp_path):
+    """The issue: drop within the budget, no layer kept, then `validate` failed on agreement. The
+    search must aim at the profile's agreement gate as well, measured on validation + calibration."""
+    assert (PROFILE_GATES.min_agreement, PROFILE_GATES.max_accuracy_drop) == (0.99, 0.5)
+    conv2 = convs(onnx.load(str(agreement_outlier)))[1].name
+    x_val, _ = data["validation"]
+    calibration_images = sum(len(b) for b in data["calibration"])  # from train: none is a val image
+
+    budget_only = run(agreement_outlier, tmp_path / "budget.onnx", data, quantizer="onnxruntime",
+                      weights="per_tensor")
+    assert budget_only.within_budget and budget_only.fallback == []  # the old behaviour: nothing to do
+    assert budget_only.min_agreement is None and budget_only.within_gates
+    assert budget_only.agreement < 0.99  # ... but it would fail validate's agreement gate
+
+    out = tmp_path / "gated.onnx"
+    r = run(agreement_outlier, out, data, gates=PROFILE_GATES, quantizer="onnxruntime", weights="per_tensor")
+    assert r.candidates[0]["agreement"] == budget_only.agreement < r.min_agreement == 0.99
+    assert r.agreement_samples == len(x_val) + calibration_images
+    assert r.excluded_layers == [conv2] and r.fallback[0]["agreement_after"] == r.agreement >= 0.99
+    assert r.within_budget and r.within_gates and r.advice == []
+    check_fallback_report(r, layers=4)
+    # the report's agreement is what the written model does on those images
+    images = np.concatenate([x_val, *data["calibration"]])
+    fp32, int8 = logits(agreement_outlier, images), logits(out, images)
+    assert r.agreement == pytest.approx((fp32.argmax(1) == int8.argmax(1)).mean())
+    assert json.loads(json.dumps(r.to_dict(), allow_nan=False))["within_gates"] is True
+
+
+def test_validation_images_in_the_calibration_set_count_once(fp32_onnx, data, tmp_path):
+    x_val, y_val = data["validation"]
+    r = quantize_model(fp32_onnx, tmp_path / "q.onnx", scheme=Quantization(quantizer="onnxruntime"), preset=PRESET,
+                       calibration=[x_val[:40], data["calibration"][0]], validation=(x_val, y_val),
+                       gates=PROFILE_GATES)
+    assert r.agreement_samples == len(x_val) + len(data["calibration"][0])
+
+
+def test_a_missed_gate_says_what_to_try_next(agreement_outlier, data, tmp_path):
+    r = run(agreement_outlier, tmp_path / "q.onnx", data, gates=PROFILE_GATES, quantizer="onnxruntime",
+            weights="per_tensor", max_fallback_layers=0)
+    assert r.within_budget and not r.within_gates and r.excluded_layers == []
+    advice = "\n".join(r.advice)
+    assert "--calib percentile" in advice and "--calib entropy" in advice
+    assert "--quantizer nncf" in advice
+    assert "--max-fallback-layers" in advice and "per_channel" in advice
+    assert json.loads(json.dumps(r.to_dict()))["advice"] == r.advice
+
+
+def test_the_stricter_drop_limit_of_budget_and_gate_is_the_budget(fp32_onnx, data, tmp_path):
+    r = run(fp32_onnx, tmp_path / "q.onnx", data, gates=GateSpec(min_agreement=None, max_accuracy_drop=0.25),
+            quantizer="onnxruntime", max_drop=2.0)
+    assert r.budget == 0.25 and r.min_agreement is None

@@ -74,7 +74,9 @@ def test_quantize_writes_a_qdq_model_and_its_records(staged, tiny_data):
 
     quantization = json.loads((out / "quantization.json").read_text())
     assert quantization["quantizer"] == "onnxruntime"  # what the x86 profile names
-    assert {"fp32_val_accuracy", "int8_val_accuracy", "drop", "within_budget", "excluded_layers"} <= set(quantization)
+    assert {"fp32_val_accuracy", "int8_val_accuracy", "drop", "within_budget", "excluded_layers", "agreement",
+            "agreement_samples", "min_agreement", "within_gates", "advice"} <= set(quantization)
+    assert quantization["min_agreement"] == load_target("x86-onnxruntime").gates.quantization.min_agreement
 
     written = from_dict(Target, yaml.safe_load((out / "target.yaml").read_text()))
     assert written == load_target("x86-onnxruntime")
@@ -240,5 +242,12 @@ def test_a_tampered_int8_model_fails_the_quantization_gate(staged, tmp_path):
     quant = _pair(parity["pairs"], "quantization effect")
     assert quant["passed"] is False and quant["agreement"] < 0.7
     assert any("agreement" in f for f in quant["failures"])
+    # a failed gate says what to try next, on the console and in parity.md
+    assert "try next" in result.output and "--calib percentile" in result.output
+    assert any("--quantizer nncf" in a for a in quant["advice"])
+    assert any("--max-fallback-layers" in a for a in quant["advice"])
+    markdown = (out / "parity.md").read_text()
+    assert "quantization effect: torch fp32 vs INT8 QDQ (ONNX Runtime): what to try next" in markdown
+    assert "--calib percentile" in markdown
     assert _pair(parity["pairs"], "export fidelity")["passed"] is True
     assert _pair(parity["pairs"], "compiler fidelity")["passed"] is True
