@@ -25,7 +25,7 @@ from .data.synthetic import SyntheticConfig, generate_dataset
 from .export import export_onnx
 from .fsutil import write_json, write_text
 from .pipeline import deploy_target, train_or_reuse
-from .validate import validate
+from .validate import failing_reports, validate
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     seconds = time.perf_counter() - t0
     summary = {"config": asdict(cfg), "models": models, "exported": str(adapted.run), "onnx": str(onnx_path),
                "parity_passed": report.passed, "targets": deployed, "bundle": shipped, "not_shipped": not_shipped,
-               "seconds": round(seconds, 1)}
+               "failing_reports": [str(r) for r in failing_reports(out)], "seconds": round(seconds, 1)}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _summary_markdown(summary))
     return {**summary, "parity": report, "report": str(adapted.run / "parity.md")}
@@ -121,8 +121,11 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
 
 def _metrics(result: Any) -> dict[str, Any]:
     m = result.meta.metrics
+    seconds = _train_seconds(result.run)
+    if seconds is not None and m.get("embedding_seconds") is not None:  # features mode: the backbone pass too
+        seconds = round(seconds + m["embedding_seconds"], 1)
     return {"test_accuracy": result.test_accuracy, "test_images": m.get("test_samples"),
-            "epochs_run": m.get("epochs_run"), "train_seconds": _train_seconds(result.run)}
+            "epochs_run": m.get("epochs_run"), "train_seconds": seconds}
 
 
 def _train_seconds(run: Path) -> float | None:
@@ -174,6 +177,10 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {p['image']} | {p['class']} | {p['score']:.3f} |" for p in b["predictions"]]
     if summary.get("not_shipped"):
         lines += ["", f"Not shipped: {summary['not_shipped']}"]
-    lines += ["", f"Exported and validated: `{summary['onnx']}` — parity {'passed' if summary['parity_passed'] else 'FAILED'}",
-              f"Wall time: {summary['seconds']} s"]
+    lines += ["", f"Exported `{summary['onnx']}`: torch fp32 vs ONNX fp32 parity "
+                  f"{'passed' if summary['parity_passed'] else 'FAILED'}"]
+    if summary.get("failing_reports"):
+        lines += ["", "Failing parity reports (each names its failed gates and what to try next):"]
+        lines += [f"- `{r}`" for r in summary["failing_reports"]]
+    lines += ["", f"Wall time: {summary['seconds']} s"]
     return "\n".join(lines) + "\n"

@@ -181,7 +181,9 @@ def test_validate_for_a_target_writes_every_pair(staged):
     summary = parity["summary"]
     assert 0.0 <= summary["fp32_accuracy"] <= 1.0 and 0.0 <= summary["accuracy"] <= 1.0
     assert 0.0 <= summary["agreement"] <= 1.0
-    assert summary["agreement"] == pytest.approx(quant["agreement"], abs=0.2)  # compiled vs qdq are close
+    # compiled vs QDQ are close. In logits, not top-1: this tiny model sits at chance with near-tied
+    # logits, so on its 10 images a 0.02 logit difference flips predictions
+    assert compiler["min_cosine"] >= 0.95 and compiler["mean_abs_diff"] < 0.05, compiler
 
 
 def _roll_final_layer(path: Path, classes: int) -> None:
