@@ -347,30 +347,46 @@ def targets_show(name: str) -> None:
               help="Override the target's quantizer.")
 @click.option("--max-fallback-layers", type=click.IntRange(min=0), default=None,
               help="Override how many layers the gates may keep in fp32.")
+@click.option("--compiler-in-loop/--no-compiler-in-loop", default=True, show_default=True,
+              help="Compile and run every candidate with the target's backend (where it runs here) so the "
+                   "search meets the compiler-fidelity gates too.")
 def quantize(run: Path, target: str, calib: str | None, quantizer: str | None,
-             max_fallback_layers: int | None) -> None:
+             max_fallback_layers: int | None, compiler_in_loop: bool) -> None:
     """Calibrate on train/val images and write RUN/<target>/model.int8.onnx (explicit QDQ); exit 1 when
-    the INT8 model misses the target's quantization gates (accuracy drop, agreement with fp32)."""
+    the INT8 model misses the target's quantization gates (accuracy drop, agreement with fp32) or, where
+    the target's compiler runs here, its compiler-fidelity gates."""
     from .stages import quantize_run
 
-    result = quantize_run(run, target, calib=calib, quantizer=quantizer, max_fallback_layers=max_fallback_layers)
+    result = quantize_run(run, target, calib=calib, quantizer=quantizer, max_fallback_layers=max_fallback_layers,
+                          compiler_in_loop=compiler_in_loop)
     r = result.report
-    rows = [[c["quantizer"], _fmt(c.get("val_accuracy")), _fmt(c.get("agreement")), c.get("error", "")]
-            for c in r.candidates]
+    compiled = r.compiler is not None
+    rows = [[c["quantizer"], _fmt(c.get("val_accuracy")), _fmt(c.get("agreement")),
+             *([_fmt(c.get("compiler_agreement")), _fmt(c.get("compiler_min_cosine"))] if compiled else []),
+             c.get("error", "")] for c in r.candidates]
     _table(f"quantizers tried (fp32 validation accuracy {r.fp32_val_accuracy:.4f})",
-           ["quantizer", "INT8 val accuracy", "agreement", "note"], rows)
+           ["quantizer", "INT8 val accuracy", "agreement",
+            *(["compiled agreement", "compiled min cosine"] if compiled else []), "note"], rows)
     gate = "" if r.min_agreement is None else f" and agreement >= {r.min_agreement}"
+    if compiled:
+        gate += f" and {r.compiler['compiler']} fidelity"
     if r.fallback:
         _table(f"kept in fp32 to meet the {r.budget} point budget{gate}",
-               ["layer", "op", "val accuracy after", "drop after (pts)", "saved (pts)", "agreement after"],
+               ["layer", "op", "val accuracy after", "drop after (pts)", "saved (pts)", "agreement after",
+                *(["compiled min cosine after"] if compiled else [])],
                [[f["layer"], f["op_type"], _fmt(f["val_accuracy_after"]), f"{f['drop_after']:.2f}",
-                 f"{f['saved_points']:.2f}", _fmt(f.get("agreement_after"))] for f in r.fallback])
+                 f"{f['saved_points']:.2f}", _fmt(f.get("agreement_after")),
+                 *([_fmt(f.get("compiler_min_cosine_after"))] if compiled else [])] for f in r.fallback])
     click.echo(f"wrote {result.model} with {r.quantizer}: drop {r.drop:.2f} points "
                f"({'within' if r.within_budget else 'OVER'} the {r.budget} point budget), agreement with fp32 "
                f"{r.agreement:.4f} on {r.agreement_samples} val + calibration images"
                + ("" if r.min_agreement is None else
                   f" ({'meets' if r.agreement >= r.min_agreement else 'BELOW'} the {r.min_agreement} gate)")
                + f"; calibration: {result.calibration['count']} images")
+    if compiled:
+        c = r.compiler
+        click.echo(f"compiled by {c['compiler']} on the same images: agreement with the QDQ file {c['agreement']:.4f}, "
+                   f"min cosine {c['min_cosine']:.4f} ({'; '.join(c['failures']) or 'meets the compiler gates'})")
     if not r.within_gates:
         click.echo("INT8 misses the target's quantization gates; try next:", err=True)
         for line in r.advice:

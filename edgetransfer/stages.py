@@ -82,13 +82,16 @@ class QuantizeResult:
 
 
 def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | Path | None = None,
-                 quantizer: str | None = None, max_fallback_layers: int | None = None) -> QuantizeResult:
+                 quantizer: str | None = None, max_fallback_layers: int | None = None,
+                 compiler_in_loop: bool = True) -> QuantizeResult:
     """Calibrate on train/val images (never test) and write `RUN/<target>/model.int8.onnx`.
 
     Also writes `calibration.json` (every image used, with its sha256) and `quantization.json` (the
     quantizers tried, accuracy and agreement before/after, each layer kept in fp32 to meet the
     target's quantization gates, and what to try next when they are missed). `quantizer` and
     `max_fallback_layers` override the profile's (the `target.yaml` written records what ran).
+    `compiler_in_loop`: where the target's backend runs here, compile and run every candidate so the
+    search meets the compiler-fidelity gates too (`compiler_check`).
     """
     import dataclasses
 
@@ -120,9 +123,42 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     labels = np.array([s.label for s in splits.val])
     report = quantize_model(fp32, out / INT8_FILE, scheme=tgt.quantization, preset=preset,
                             calibration=calibration, validation=(np.concatenate(val), labels),
-                            gates=tgt.gates.quantization)
+                            gates=tgt.gates.quantization, compiler=compiler_check(tgt) if compiler_in_loop else None)
     write_json(out / "quantization.json", report.to_dict())
     return QuantizeResult(model=out / INT8_FILE, report=report, calibration=chosen.record)
+
+
+def compiler_check(target: Target) -> Any:
+    """The target's compiler for `quantize_model` (a `quantize.CompilerCheck`), or None where its
+    backend cannot run here (TensorRT off the device: `validate` there measures compiler fidelity) or
+    the profile gates nothing on it.
+
+    Each call compiles the candidate into a temporary folder with the same `Backend.compile` that
+    `compile` uses, then runs it in batches no larger than the profile's batch range allows.
+    """
+    import tempfile
+
+    from .quantize import CompilerCheck
+
+    gates = target.gates.compiler.gates()
+    if gates.min_agreement is None and gates.min_cosine is None and gates.max_abs_diff is None:
+        return None
+    backend = target_backend(target, require=False)
+    reason = backend.available()
+    if reason is not None:
+        log.info("compiler fidelity is not part of the quantization search: %s (validate on the device measures it)",
+                 reason)
+        return None
+    batch = max(1, target.batch.max)
+
+    def run(qdq: Path, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        with tempfile.TemporaryDirectory(prefix="edgetransfer-compile-") as tmp:
+            artifact = backend.compile(qdq, target, Path(tmp))
+            with backend.load(artifact, target) as runner:
+                return np.concatenate([runner.infer(np.ascontiguousarray(a[i:i + batch], dtype=np.float32))
+                                       for a in arrays for i in range(0, len(a), batch)])
+
+    return CompilerCheck(name=f"{target.backend} {target.device}", gates=gates, run=run)
 
 
 def compiled_input(run: Path, target: Target) -> Path:

@@ -432,3 +432,98 @@ def test_the_stricter_drop_limit_of_budget_and_gate_is_the_budget(fp32_onnx, dat
     r = run(fp32_onnx, tmp_path / "q.onnx", data, gates=GateSpec(min_agreement=None, max_accuracy_drop=0.25),
             quantizer="onnxruntime", max_drop=2.0)
     assert r.budget == 0.25 and r.min_agreement is None
+
+
+# ---- the target's compiler in the search ------------------------------------------------------------
+
+def openvino_logits(qdq: Path, x: np.ndarray, tmp: Path) -> np.ndarray:
+    """What `edgetransfer compile` + the OpenVINO runner make of a QDQ file, measured independently."""
+    from edgetransfer.backends import get_backend
+
+    backend, target = get_backend("openvino"), load_target("intel-cpu")
+    with backend.load(backend.compile(qdq, target, tmp), target) as runner:
+        return np.concatenate([runner.infer(x[i:i + target.batch.max]) for i in range(0, len(x), target.batch.max)])
+
+
+def test_compiler_in_the_loop_measures_the_compiled_model_it_keeps(fp32_onnx, data, tmp_path):
+    from edgetransfer.stages import compiler_check
+
+    pytest.importorskip("openvino", reason="the intel-cpu compiler is OpenVINO")
+    target = load_target("intel-cpu")
+    check = compiler_check(target)
+    assert check is not None and check.name == "openvino CPU"
+    out = tmp_path / "q.onnx"
+    r = quantize_model(fp32_onnx, out, scheme=target.quantization, preset=PRESET, calibration=data["calibration"],
+                       validation=data["validation"], gates=target.gates.quantization, compiler=check)
+    assert r.compiler is not None and r.compiler["compiler"] == "openvino CPU"
+    assert r.compiler["samples"] == r.agreement_samples
+    assert all("compiler_min_cosine" in c for c in r.candidates)
+    # the figures are what OpenVINO does with the written file, on the same images
+    images = np.concatenate([data["validation"][0], *data["calibration"]])
+    qdq, compiled = logits(out, images), openvino_logits(out, images, tmp_path / "ov")
+    assert r.compiler["agreement"] == pytest.approx((qdq.argmax(1) == compiled.argmax(1)).mean())
+    cosine = (qdq * compiled).sum(1) / np.linalg.norm(qdq, axis=1) / np.linalg.norm(compiled, axis=1)
+    assert r.compiler["min_cosine"] == pytest.approx(cosine.min(), abs=1e-6)
+    assert r.within_gates == (not r.compiler["failures"] and r.within_budget and r.agreement >= r.min_agreement)
+
+
+def test_search_keeps_layers_in_fp32_until_the_compiler_gate_passes(weight_outlier, data, tmp_path):
+    """A compiler that runs the file unlike ONNX Runtime (here: as fp32, i.e. ignoring every Q/DQ) is a
+    gate miss the quantization gates alone never see; the fallback must act on it."""
+    from edgetransfer.parity import Gates
+    from edgetransfer.quantize import CompilerCheck, onnx_logits
+
+    as_fp32 = CompilerCheck(name="fp32 stand-in", gates=Gates(min_agreement=None, max_abs_diff=None, min_cosine=None),
+                            run=lambda qdq, arrays: onnx_logits(weight_outlier, arrays))
+    scheme = {"quantizer": "onnxruntime", "weights": "per_tensor"}
+    first = quantize_model(weight_outlier, tmp_path / "a.onnx", scheme=Quantization(**scheme, max_fallback_layers=0),
+                           preset=PRESET, calibration=data["calibration"], validation=data["validation"],
+                           compiler=as_fp32)
+    assert first.compiler["failures"] == [] and first.compiler["min_cosine"] < 0.9
+    strict = CompilerCheck(name="fp32 stand-in", gates=Gates(min_agreement=None, max_abs_diff=None, min_cosine=0.9), run=as_fp32.run)
+    r = quantize_model(weight_outlier, tmp_path / "b.onnx", scheme=Quantization(**scheme, max_drop=100.0),
+                       preset=PRESET, calibration=data["calibration"], validation=data["validation"], compiler=strict)
+    assert r.fallback and r.fallback[0]["compiler_min_cosine_after"] > first.compiler["min_cosine"]
+    assert r.compiler["min_cosine"] >= 0.9 and r.compiler["failures"] == [] and r.within_gates
+    missed = quantize_model(weight_outlier, tmp_path / "c.onnx", scheme=Quantization(**scheme, max_drop=100.0,
+                            max_fallback_layers=0), preset=PRESET, calibration=data["calibration"],
+                            validation=data["validation"], compiler=strict)
+    assert not missed.within_gates and missed.compiler["failures"]
+    assert any("fp32 stand-in runs this QDQ file differently" in line for line in missed.advice)
+
+
+@pytest.mark.parametrize("quantizer,bias", [("nncf", "int32"), ("onnxruntime", "float")])
+def test_every_runtime_path_computes_the_same_qdq_file(fp32_onnx, data, tmp_path, quantizer, bias):
+    """Float biases are rounded onto the integer accumulator grid (s_x · s_w): ONNX Runtime's fused
+    integer kernels round a float bias to int32 there, the file run op by op does not, and on the
+    grid both are the same number. NNCF always writes float biases; ONNX Runtime's quantizer does
+    with `bias: float` (the Jetson profiles)."""
+    from onnx import numpy_helper
+
+    out = tmp_path / "q.onnx"
+    run(fp32_onnx, out, data, quantizer=quantizer, activations="symmetric", bias=bias)
+    model = onnx.load(out)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    made = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(tensor: str) -> onnx.NodeProto:
+        node = made[tensor]
+        while node.op_type == "MaxPool":  # NNCF quantizes before a pooling layer, ONNX Runtime after it
+            node = made[node.input[0]]
+        assert node.op_type == "DequantizeLinear", tensor
+        return node
+
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in inits:
+            s_x, s_w = (inits[dequantized(t).input[1]].astype(np.float64) for t in node.input[:2])
+            steps = inits[node.input[2]].astype(np.float64) / (s_x * s_w)
+            assert np.allclose(steps, np.rint(steps), atol=1e-3), node.name
+            checked += 1
+    assert checked == 4  # three convolutions and the linear head
+    x = data["validation"][0]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    exact = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    fused = logits(out, x)
+    assert np.linalg.norm(fused - exact) / np.linalg.norm(exact) < 1e-4
