@@ -152,8 +152,11 @@ class Quantizer(abc.ABC):
             self._quantize(Path(fp32_onnx), raw, scheme=scheme, preset=preset, calibration=calibration,
                            input_name=_input_name(reference), exclude=list(exclude), float_weights=float_weights)
             model = onnx.load(str(raw))
-        if exclude:
-            _keep_fp32(model, exclude, reference)
+        # the float ops read float tensors whichever tool ran (NNCF leaves them so already; ONNX
+        # Runtime's quantizer still puts its neighbours' Q→DQ pairs on their inputs)
+        floating = [node.name for node in model.graph.node if node.op_type in scheme.float_ops]
+        if exclude or floating:
+            _keep_fp32(model, [*exclude, *floating], reference)
         _snap_biases(model)
         del model.metadata_props[:]
         model.metadata_props.extend(reference.metadata_props)
@@ -198,14 +201,13 @@ class OnnxRuntimeQuantizer(Quantizer):
             self._cache_dir = tempfile.TemporaryDirectory(prefix="edgetransfer-ort-calibration-")
         stat = fp32_onnx.stat()
         key = (f"{fp32_onnx.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{preset.method}|{preset.percentile}|"
-               f"{scheme.activations}|{sorted(scheme.float_ops)}|{[b.shape for b in calibration]}")
+               f"{scheme.activations}|{[b.shape for b in calibration]}")
         return Path(self._cache_dir.name) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
     def _quantize(self, fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
                   calibration: Sequence[np.ndarray], input_name: str, exclude: Sequence[str],
                   float_weights: bool) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         symmetric = scheme.activations == "symmetric"
         cache = self._cache_file(fp32_onnx, preset, scheme, calibration)
@@ -232,9 +234,6 @@ class OnnxRuntimeQuantizer(Quantizer):
             weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, self._METHODS[preset.method]),
             nodes_to_exclude=list(exclude),
-            # None: every op type ONNX Runtime quantizes (its own default), else all but the float ones
-            op_types_to_quantize=sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(scheme.float_ops))
-            if scheme.float_ops else None,
             extra_options=extra,
             calibration_cache_path=str(cache),
         )

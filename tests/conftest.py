@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,38 @@ def bundles(shipped_run, tmp_path_factory) -> dict[str, Path]:
         result = write_bundle(shipped_run, target, out / target, archive=True, allow_failed=True)
         made[target], made[f"{target}.tar.gz"] = result.folder, result.archive
     return made
+
+
+@pytest.fixture(scope="session")
+def residual_onnx(tmp_path_factory) -> tuple[Path, list, Any]:
+    """A small inverted-residual network (1x1 → depthwise 3x3 → 1x1, ReLU6, residual Add: the blocks of
+    EfficientNet-Lite and MobileNet), random seeded weights, exported with a dynamic batch.
+
+    Returns (fp32 ONNX path, calibration batches, 64 test inputs)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.expand, self.dw = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+            self.project = nn.Conv2d(2 * c, c, 1)
+
+        def forward(self, x):
+            return x + self.project(torch.clamp(self.dw(torch.clamp(self.expand(x), 0, 6)), 0, 6))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.blocks = nn.Conv2d(3, 16, 3, padding=1), nn.Sequential(*[Block(16) for _ in range(4)])
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(self.blocks(torch.clamp(self.stem(x), 0, 6)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    calibration, x = torch.randn(64, 3, 24, 24), torch.randn(64, 3, 24, 24).numpy()
+    path = tmp_path_factory.mktemp("residual") / "residual.onnx"
+    torch.onnx.export(Net().eval(), (calibration[:1],), str(path), dynamo=True, opset_version=18,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    return path, [calibration[:32].numpy(), calibration[32:].numpy()], x

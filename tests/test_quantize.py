@@ -527,3 +527,25 @@ def test_every_runtime_path_computes_the_same_qdq_file(fp32_onnx, data, tmp_path
     exact = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     fused = logits(out, x)
     assert np.linalg.norm(fused - exact) / np.linalg.norm(exact) < 1e-4
+
+
+@pytest.mark.parametrize("quantizer", ["onnxruntime", "nncf"])
+def test_float_ops_read_float_inputs_whichever_tool_quantized(residual_onnx, tmp_path, quantizer):
+    """`float_ops: [Add]`: every residual Add adds float tensors (no DequantizeLinear feeds it) while
+    the convolutions stay INT8. NNCF does so itself; ONNX Runtime's quantizer puts the neighbouring
+    convolutions' Q→DQ pairs on the Add's inputs, which the graph edit after it takes off."""
+    fp32, calibration, x = residual_onnx
+    out = tmp_path / "q.onnx"
+    quantize_model(fp32, out, scheme=Quantization(quantizer=quantizer, activations="symmetric", float_ops=("Add",)),
+                   preset=PRESET, calibration=calibration, validation=(x, np.zeros(len(x), dtype=np.int64)))
+    model = onnx.load(out)
+    made = {o: n for n in model.graph.node for o in n.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert len(adds) == 4
+    for add in adds:
+        assert not any(t in made and made[t].op_type == "DequantizeLinear" for t in add.input), add.name
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 13 and all(made[n.input[0]].op_type == "DequantizeLinear" for n in convs), \
+        "every convolution still reads INT8 activations"
+    fp, q = logits(fp32, x), logits(out, x)
+    assert 1e-4 < np.linalg.norm(fp - q) / np.linalg.norm(fp) < 0.05

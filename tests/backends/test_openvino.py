@@ -255,51 +255,25 @@ def exact_qdq(path: Path, x: np.ndarray, *, fused: bool = False) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def test_openvino_computes_the_intel_cpu_qdq_file_exactly_on_residual_blocks(tmp_path):
+def test_openvino_computes_the_intel_cpu_qdq_file_exactly_on_residual_blocks(residual_onnx, tmp_path):
     """Compiler fidelity at its root: OpenVINO must compute what the QDQ file says, not nearly.
 
-    A small inverted-residual network (1x1 → depthwise 3x3 → 1x1, ReLU6, residual Add: the blocks of
-    EfficientNet-Lite and MobileNet), quantized with the intel-cpu profile's scheme. Measured on an
-    Intel Xeon (AVX-512 VNNI, AMX), relative logit error against the file's exact function:
+    A small inverted-residual network (`residual_onnx`), quantized with the intel-cpu profile's
+    scheme. Measured on an Intel Xeon (AVX-512 VNNI, AMX), relative logit error against the file's exact function:
     OpenVINO 0.00000 and ONNX Runtime's fused kernels 0.00000 with the profile's scheme; with the
     Adds' inputs quantized OpenVINO's error is 0.0030 (half the INT8 error itself, 0.0062), with
     float biases off the accumulator grid ONNX Runtime's is 0.0015. On the demo model those
     differences, compounded over 16 blocks, were the compiler gate's failures (min cosine 0.982).
     """
-    import torch
-    from torch import nn
-
     from edgetransfer.quantize import QUANTIZERS
     from edgetransfer.targets import CalibrationPreset, load_target
 
-    class Block(nn.Module):
-        def __init__(self, c: int):
-            super().__init__()
-            self.expand, self.dw = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
-            self.project = nn.Conv2d(2 * c, c, 1)
-
-        def forward(self, x):
-            return x + self.project(torch.clamp(self.dw(torch.clamp(self.expand(x), 0, 6)), 0, 6))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.blocks, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Sequential(*[Block(16) for _ in range(4)]), nn.Linear(16, 5)
-
-        def forward(self, x):
-            return self.fc(self.blocks(torch.clamp(self.stem(x), 0, 6)).mean((2, 3)))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    calibration, x = torch.randn(64, 3, 24, 24), torch.randn(64, 3, 24, 24).numpy()
-    fp32 = tmp_path / "residual.onnx"
-    torch.onnx.export(net, (calibration[:1],), str(fp32), dynamo=True, opset_version=18,
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    fp32, calibration, x = residual_onnx
     tgt = load_target("intel-cpu")
     qdq = tmp_path / "residual.int8.onnx"
     with QUANTIZERS[tgt.quantization.quantizer]() as quantizer:
         quantizer.quantize(fp32, qdq, scheme=tgt.quantization, preset=CalibrationPreset(name="t", samples=64),
-                           calibration=[calibration[:32].numpy(), calibration[32:].numpy()])
+                           calibration=calibration)
     with OpenVinoBackend().load(OpenVinoBackend().compile(qdq, tgt, tmp_path / "ir"), tgt) as runner:
         assert runner.precision.startswith("int8"), runner.precision
         compiled = np.concatenate([runner.infer(x[i:i + 8]) for i in range(0, len(x), 8)])
