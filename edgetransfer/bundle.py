@@ -410,13 +410,23 @@ def _golden_samples(samples: list[Any], n: int) -> list[Any]:
     return chosen
 
 
-def _parity_record(path: Path, artifact_record: Path, allow_failed: bool) -> dict[str, Any]:
-    """What validate said about this artifact; refuses a missing, stale or (without allow_failed) failed one."""
+def _parity_record(path: Path, artifact_record: Path, allow_failed: bool,
+                   artifact_files: dict[str, str]) -> dict[str, Any]:
+    """What validate said about this artifact; refuses a missing, stale or (without allow_failed) failed
+    one, and one about other bytes than `artifact_files` (the artifact as compile recorded it) — exit 4."""
     if not path.exists():
         raise UsageError(f"not validated; run `edgetransfer validate RUN --target {path.parent.name}` first", path=path)
     if path.stat().st_mtime < artifact_record.stat().st_mtime:
         raise UsageError("older than the compiled artifact; validate again before bundling", path=path)
     report = json.loads(path.read_text(encoding="utf-8"))
+    validated = report.get("artifact_files")
+    if not isinstance(validated, dict):
+        raise UsageError("does not say which artifact bytes it validated (an older edgetransfer wrote it); "
+                         f"run `edgetransfer validate RUN --target {path.parent.name}` again", path=path)
+    if validated != artifact_files:
+        changed = sorted(n for n in set(validated) | set(artifact_files) if validated.get(n) != artifact_files.get(n))
+        raise IntegrityError(f"is about other bytes than the artifact here ({', '.join(changed)} differ); "
+                             "validate again before bundling", path=path)
     failures = [f"{p['pair']}: {f}" for p in report["pairs"] for f in p.get("failures", [])]
     if not report["passed"] and not allow_failed:
         raise GateFailed("parity failed for this target (" + "; ".join(failures) + "); fix it, or bundle anyway "
@@ -452,15 +462,14 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
     from .backends import get_backend
     from .schema import to_dict
     from .spec import RunMeta
-    from .stages import COMPILED_FILE, as_target, compiled_artifact, compiled_input, iter_batches, target_backend, \
-        target_dir
+    from .stages import COMPILED_FILE, as_target, checked_artifact_files, compiled_artifact, compiled_input, \
+        iter_batches, target_backend, target_dir
     from .validate import held_out_samples
 
     run, out, tgt = Path(run), Path(out), as_target(target)
     if golden < 1:
         raise UsageError("the golden set needs at least one image", field="golden")
-    if out.exists() and not force:
-        raise UsageError("exists; choose another --out or pass --force to replace it", path=out)
+    _check_out(out, run, force)
     meta = RunMeta.load(run / "meta.json")
     tdir = target_dir(run, tgt)
     kit_path = tdir / KIT_FILE
@@ -469,7 +478,8 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
         backend = target_backend(tgt)
         artifact = compiled_artifact(run, tgt)
         sources = [Path(p) for p in backend.artifact_files(artifact)]
-        parity = _parity_record(tdir / "parity.json", tdir / COMPILED_FILE, allow_failed)
+        compiled_files = checked_artifact_files(run, tgt)  # exit 4: not the bytes compile wrote
+        parity = _parity_record(tdir / "parity.json", tdir / COMPILED_FILE, allow_failed, compiled_files)
         artifact_info: dict[str, Any] = {"kind": kind, "path": f"{MODEL_DIR}/{artifact.name}"}
     elif kit_path.exists():
         kind = "build-kit"
@@ -527,7 +537,19 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
             np.save(tmp / GOLDEN_DIR / f"{key}.npy", arr, allow_pickle=False)
             names.append(f"{GOLDEN_DIR}/{key}.npy")
         artifact_info["files"] = [n for n in names if n.startswith(MODEL_DIR + "/")]
+        if kind == "compiled":  # the copies are the bytes compile wrote and validate measured
+            for src, name in zip(sources, names):
+                rel = src.relative_to(tdir).as_posix() if src.is_relative_to(tdir) else src.name
+                if sha256_file(tmp / name) != compiled_files.get(rel):
+                    raise IntegrityError("changed while it was being bundled; compile and validate again", path=src)
         agreement = float((expected.argmax(1) == reference.argmax(1)).mean())
+        golden_check = compare("golden set: compiled artifact vs its ONNX at bundle time",
+                               Side(reference_from, tgt.precision), Side(expected_from, ran_as or tgt.precision),
+                               reference, expected, None, tgt.gates.compiler.gates())
+        if golden_check.failures and not allow_failed:
+            raise GateFailed("the golden set misses the compiler gates at bundle time ("
+                             + "; ".join(golden_check.failures) + "): the artifact does not answer like the model "
+                             "it was compiled from; compile and validate again", path=tdir)
         training_baselines = meta.metrics.get("baselines")
         training_baselines = training_baselines if isinstance(training_baselines, dict) else None
         warnings = bundle_warnings(parity, training_baselines)
@@ -550,7 +572,7 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
                        "count": len(chosen), "batch": batch, "source": str(source),
                        "images": [f"{s.path.parent.name}/{s.path.name}" for s in chosen], "expected_from": expected_from,
                        "reference_from": reference_from, "agreement_with_reference": agreement,
-                       "gates": to_dict(tgt.gates.compiler)},
+                       "gates": to_dict(tgt.gates.compiler), "failures": list(golden_check.failures)},
         }
         (tmp / MANIFEST).write_bytes(manifest_bytes(body))
         manifest = read_manifest(tmp)
@@ -567,6 +589,27 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
     for w in warnings:
         log.warning("WARNING: bundled with a warning (recorded in the manifest): %s", w)
     return BundleResult(folder=out, archive=archive_path, manifest=manifest)
+
+
+def _check_out(out: Path, run: Path, force: bool) -> None:
+    """`--out` may be new, or with `force` a previous bundle; never the run, anything holding it or
+    inside it but a bundle, nor any other folder or file (exit 2 naming it)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise UsageError("exists; choose another --out or pass --force to replace a previous bundle", path=out)
+    resolved, run_resolved = out.resolve(), run.resolve()
+    if out.is_symlink() or not out.is_dir():
+        raise UsageError("--force replaces only a previous bundle folder; this is not a folder", path=out)
+    if resolved == run_resolved or run_resolved.is_relative_to(resolved):
+        raise UsageError(f"--force would delete the run {run} (or a folder holding it); choose another --out", path=out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise UsageError(f"--force replaces only a previous bundle (a folder with an edgetransfer {MANIFEST}); "
+                         "this folder holds something else", path=out)
 
 
 def _quantization_record(path: Path) -> dict[str, Any] | None:

@@ -122,6 +122,8 @@ class ParityReport:
     baselines: dict[str, Any] | None = None
     #: things a person must read although no gate failed (e.g. a model no better than chance)
     warnings: list[str] = field(default_factory=list)
+    #: the bytes this report is about: sha256 of every file of the compiled artifact (None without a target)
+    artifact_files: dict[str, str] | None = None
 
     @property
     def passed(self) -> bool:
@@ -130,7 +132,8 @@ class ParityReport:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "warnings": list(self.warnings), "classes": self.classes,
                 "context": self.context, "pairs": [p.to_dict() for p in self.pairs],
-                "latency": self.latency, "summary": self.summary, "baselines": self.baselines}
+                "latency": self.latency, "summary": self.summary, "baselines": self.baselines,
+                "artifact_files": self.artifact_files}
 
     def to_markdown(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"

@@ -18,7 +18,7 @@ import numpy as np
 
 from .data.calibration import select_calibration
 from .data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
-from .errors import DependencyError, GateFailed, UsageError
+from .errors import DependencyError, GateFailed, IntegrityError, UsageError
 from .backends.base import KIT_FILE
 from .export import ONNX_FILE
 from .fsutil import sha256_file, write_json, write_text
@@ -241,9 +241,42 @@ def compile_run(run: str | Path, target: str | Path | Target) -> Path:
                               f"on-device build kit to {out}: copy the run folder there and follow {instructions}")
     artifact = backend.compile(src, tgt, out)
     write_json(out / COMPILED_FILE, {"artifact": artifact.name, "backend": tgt.backend, "device": tgt.device,
-                                     "precision": tgt.precision, "source": src.name, "source_sha256": sha256_file(src)})
+                                     "precision": tgt.precision, "source": src.name, "source_sha256": sha256_file(src),
+                                     "files": file_hashes(out, backend.artifact_files(artifact))})
     log.info("compiled %s for %s → %s", src.name, tgt.name, artifact)
     return artifact
+
+
+def file_hashes(folder: Path, files: Sequence[Path]) -> dict[str, str]:
+    """sha256 of each file, keyed by its path relative to `folder` (POSIX separators)."""
+    return {Path(f).relative_to(folder).as_posix(): sha256_file(f) for f in files}
+
+
+def checked_artifact_files(run: Path, target: Target) -> dict[str, str]:
+    """The compiled artifact's files as `compile` recorded them; exit 4 when one changed since.
+
+    What validate measured and what bundle ships must be the bytes compile wrote: an artifact edited
+    in place (same size, same name) would otherwise be validated by nothing and shipped with golden
+    outputs computed from the edited file.
+    """
+    folder = target_dir(run, target)
+    record_path = folder / COMPILED_FILE
+    recorded = json.loads(record_path.read_text()).get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        raise UsageError(f"compiled before edgetransfer recorded the artifact's hashes; run `edgetransfer compile "
+                         f"{run} --target {target.name}` again", path=record_path)
+    artifact = compiled_artifact(run, target)
+    files = target_backend(target, require=False).artifact_files(artifact)
+    for f in files:
+        if not Path(f).is_file():
+            raise UsageError("artifact file missing; compile again", path=f)
+    now = file_hashes(folder, files)
+    for name in sorted(set(recorded) | set(now)):
+        if recorded.get(name) != now.get(name):
+            what = "is missing" if name not in now else ("is not part of what compile wrote" if name not in recorded
+                                                         else "changed since compile wrote it (sha256 differs)")
+            raise IntegrityError(f"{what}; compile again, then validate", path=folder / name)
+    return now
 
 
 def compiled_artifact(run: Path, target: Target) -> Path:
@@ -273,6 +306,7 @@ def load_compiled(run: Path, target: Target) -> Any:
         raise UsageError(f"{artifact.name} was compiled from an earlier {src.name}; run `edgetransfer compile "
                          f"{run} --target {target.name}` again", path=artifact)
     runner = target_backend(target, require=False).load(artifact, target)
+    checked_artifact_files(run, target)  # exit 4 on bytes compile did not write
     target_backend(target)
     return runner
 

@@ -123,6 +123,10 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
                                       f"({deployed.runner.description}, {deployed.runner.precision})"},
         latency=latency.to_dict(), summary=deployed_summary(logits["torch"], logits[deployed.key], labels,
                                                            deployed.runner.precision))
+    if tgt is not None:  # the bytes this report is about, hashed after they ran (bundle compares them)
+        from .stages import checked_artifact_files
+
+        report.artifact_files = checked_artifact_files(run, tgt)
     report.baselines = held_out_baselines(meta, logits["torch"], labels)
     report.context["torch fp32 accuracy vs baselines"] = summary_line(report.baselines)
     if (warning := warning_of(report.baselines)) is not None:

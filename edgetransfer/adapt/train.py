@@ -509,7 +509,17 @@ _SPEED_ONLY = ("num_workers", "compile")
 
 
 def check_run_folder(data: str | Path, run: Path, config: TrainConfig, *, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume one made with other settings (exit 2 either way)."""
+    """Refuse to overwrite a run, to resume one made with other settings, or an output folder that
+    overlaps the dataset (exit 2 each).
+
+    Overlap both ways: a run inside the dataset becomes a class of the next training (or its
+    parity.png a training image of one), and a dataset inside the run is deleted with it."""
+    data_root, out = Path(data).resolve(), run.resolve()
+    if out == data_root or out.is_relative_to(data_root) or data_root.is_relative_to(out):
+        raise UsageError(f"the output folder overlaps the dataset {data_root}; pick an --out outside it "
+                         "(and not around it)", path=run)
+    if run.exists() and not run.is_dir():
+        raise UsageError("exists and is not a folder; pick a new --out", path=run)
     config_file = run / "train_config.json"
     if resume:
         if not config_file.exists():
