@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 KIND = "edgetransfer-bundle"
+#: a manifest lists files and golden images: kilobytes; far more is not one edgetransfer wrote
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 GOLDEN_DIR = "golden"
@@ -92,13 +95,20 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not Path(folder).is_dir():
         raise UsageError("no such bundle folder or archive", path=folder)
     try:
-        raw = path.read_bytes()
+        info = path.stat()
     except FileNotFoundError as exc:
         raise IntegrityError("no manifest.json: not an edgetransfer bundle", path=folder) from exc
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever
+        raise IntegrityError("not a regular file", path=path)
+    if info.st_size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{info.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}", path=path)
+    raw = path.read_bytes()
     try:
         data = json.loads(raw.decode("ascii"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"not valid JSON ({exc})", path=path) from exc
+    except RecursionError as exc:
+        raise IntegrityError("not a manifest: nested too deep to parse", path=path) from exc
     if not isinstance(data, dict):
         raise IntegrityError("expected a JSON object", path=path)
     schema = data.get("schema")
@@ -145,6 +155,8 @@ def unsafe_name(name: str) -> str | None:
         return "absolute path"
     if any(part in ("", ".", "..") for part in name.split("/")):
         return "'..', '.' or empty path component"
+    if len(name.encode("utf-8")) > 1024 or any(len(part.encode("utf-8")) > 255 for part in name.split("/")):
+        return "name too long (255 bytes per component, 1024 in all)"
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import stat
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -20,6 +21,7 @@ import yaml
 from .errors import EdgeTransferError, UsageError
 
 MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 32  # a profile or recipe is 3-4 levels deep
 T = TypeVar("T")
 
 
@@ -27,9 +29,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """`yaml.safe_load` a mapping from `path`, refusing huge files, aliases and non-mapping documents."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        mode = path.stat()
     except FileNotFoundError as exc:
         raise UsageError("file not found", path=path) from exc
+    if not stat.S_ISREG(mode.st_mode):  # a FIFO or device would block the read, a folder fail it
+        raise UsageError("not a regular file", path=path)
+    size = mode.st_size
     if size > MAX_YAML_BYTES:
         raise UsageError(f"file is {size} bytes; configuration files are limited to {MAX_YAML_BYTES}", path=path)
     try:
@@ -37,8 +42,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"not UTF-8 text ({exc})", path=path) from exc
     try:
-        if any(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise UsageError("YAML anchors/aliases are not allowed in configuration files", path=path)
+        depth = 0  # events, not the recursive constructor: refused at the first level too deep
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise UsageError("YAML anchors/aliases are not allowed in configuration files", path=path)
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise UsageError(f"nested more than {MAX_YAML_DEPTH} levels deep", path=path)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UsageError(f"not valid YAML: {exc}", path=path) from exc

@@ -109,6 +109,10 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     if not fp32.exists():
         raise UsageError("no exported model; run `edgetransfer export` first", path=fp32)
     check_onnx_file(fp32)
+    from .backends import get_backend
+
+    with get_backend("onnxruntime").load(fp32):  # calibration runs it: a model ONNX Runtime refuses is exit 4,
+        pass                                     # before anything is written to the target folder
     preset = load_calibration(calib or tgt.quantization.calibration)
     splits = run_splits(meta)
     chosen = select_calibration(splits, preset)

@@ -50,6 +50,11 @@ class TrainingDiverged(UsageError):
     """The loss became NaN or infinite: training stops there (exit 2); no checkpoint is written from it."""
 
 
+#: the largest input side and loader worker count a run accepts (exit 2 beyond them)
+MAX_IMG_SIZE = 4096
+MAX_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run's result. Saved with the run; `--resume` must match it
@@ -91,6 +96,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "img_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"must be positive, got {getattr(self, name)}", field=name)
+        # upper bounds a run can meet: beyond them a loader allocates gigabytes or forks thousands
+        for name, most in (("img_size", MAX_IMG_SIZE), ("num_workers", MAX_WORKERS)):
+            if (getattr(self, name) or 0) > most:
+                raise UsageError(f"must be at most {most}, got {getattr(self, name)}", field=name)
+        for name in ("lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"must be a finite number >= 0, got {value}", field=name)
+        if self.lr <= 0:
+            raise UsageError(f"must be positive, got {self.lr}", field="lr")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError("must be in [0, 1)", field="label_smoothing")
         if self.num_workers is not None and self.num_workers < 0:

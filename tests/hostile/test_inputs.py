@@ -1,0 +1,126 @@
+"""Hostile inputs that once hung the CLI or ended in a traceback (issue 12, rows 4-11): each ends with the
+contract's exit code, one line and no traceback, in bounded time, with nothing left under a final name.
+The bounds asserted here catch hangs (seconds, generous on a loaded 2-core machine), not speed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgetransfer.cli import main
+
+from ..conftest import cli_train_args
+
+DEEP = 100_000
+
+
+def cli(*args: object):
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    result.seconds = time.perf_counter() - start
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# ---- row 4: configuration files nested thousands deep ----------------------------------------------
+
+@pytest.mark.parametrize("depth", [2_000, DEEP])
+def test_deeply_nested_yaml_is_refused_at_once(tiny_data, tmp_path, depth):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {tiny_data}\nout: {tmp_path / 'run'}\ntargets: {nested(depth)}\n")
+    profile = tmp_path / "target.yaml"
+    profile.write_text(f"name: deep\nbackend: onnxruntime\nbatch: {nested(depth)}\n")
+    for args in (["run", recipe], ["targets", "show", profile]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "nested more than" in result.output and result.seconds < 10
+    assert not (tmp_path / "run").exists()
+
+
+# ---- rows 5, 6, 8: manifests and archives ----------------------------------------------------------
+
+def test_a_manifest_nested_too_deep_is_refused(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(nested(DEEP))
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle / "manifest.json", arcname="manifest.json")
+    for target in (bundle, archive):
+        for command in ("verify", "infer"):
+            args = [command, target] + ([tmp_path] if command == "infer" else [])
+            result = cli(*args)
+            assert result.exit_code == 4, result.output
+            assert "nested too deep" in result.output
+
+
+def test_a_manifest_that_is_a_fifo_does_not_hang(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    os.mkfifo(bundle / "manifest.json")
+    # a child process with a timeout: a regression must fail this test, not hang the suite
+    proc = subprocess.run([sys.executable, "-m", "edgetransfer", "verify", str(bundle)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "EDGETRANSFER_PROGRESS": "0"})
+    assert proc.returncode == 4, proc.stderr
+    assert "not a regular file" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_an_archive_member_name_too_long_is_refused(tmp_path):
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("manifest.json", "model/" + "a" * 300 + ".onnx"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    result = cli("verify", archive)
+    assert result.exit_code == 4, result.output
+    assert "name too long" in result.output
+
+
+# ---- rows 9, 10: numbers a run cannot use ----------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--lr", "inf"), ("--img-size", "100000"),
+                                        ("--workers", "10000")])
+def test_train_refuses_numbers_it_cannot_use(tiny_data, tmp_path, flag, value):
+    out = tmp_path / "run"
+    result = cli(*cli_train_args(tiny_data, out), flag, value)
+    assert result.exit_code == 2, result.output
+    assert not out.exists()
+
+
+def test_a_recipe_with_a_nan_learning_rate_is_refused(tiny_data, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {tiny_data}\nout: {tmp_path / 'run'}\ntrain: {{lr: .nan}}\n")
+    result = cli("run", recipe)
+    assert result.exit_code == 2 and "lr" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+# ---- row 11: quantize on a model ONNX Runtime cannot run -------------------------------------------
+
+def test_quantize_refuses_a_model_onnx_runtime_cannot_load(run_copy):
+    model = onnx.load(run_copy / "model.onnx")
+    node = model.graph.node[-1]
+    node.domain = "com.example.custom"
+    model.opset_import.add(domain="com.example.custom", version=1)
+    onnx.save(model, run_copy / "model.onnx")
+    result = cli("quantize", run_copy, "--target", "x86-onnxruntime")
+    assert result.exit_code == 4, result.output
+    assert "ONNX Runtime cannot load" in result.output
+    assert not (run_copy / "x86-onnxruntime").exists()
+    shutil.rmtree(run_copy)
