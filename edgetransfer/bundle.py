@@ -46,7 +46,7 @@ import numpy as np
 
 from .backends.base import KIT_FILE
 from .errors import DependencyError, GateFailed, IntegrityError, UsageError
-from .fsutil import atomic_path, sha256_file
+from .fsutil import atomic_path, sha256_file, temporary_dir
 from .parity import PairReport, Side, compare
 from .spec import InputSpec
 
@@ -332,15 +332,22 @@ class VerifyResult:
     bytes_hashed: int
     golden: PairReport | None = None
     notes: list[str] = field(default_factory=list)
+    #: the bundle records a parity failure at bundle time and verify was not told to accept it
+    failed_parity: bool = False
 
     @property
     def passed(self) -> bool:
-        """Every check that ran passed (with `hashes_only`, the golden set did not run)."""
-        return self.golden is None or self.golden.passed
+        """Every check that ran passed (with `hashes_only`, the golden set did not run), and the bundle
+        does not carry a failed parity the caller did not accept."""
+        return not self.failed_parity and (self.golden is None or self.golden.passed)
 
 
-def verify_bundle(path: str | Path, *, expect: str | None = None, hashes_only: bool = False) -> VerifyResult:
+def verify_bundle(path: str | Path, *, expect: str | None = None, hashes_only: bool = False,
+                  allow_failed: bool = False) -> VerifyResult:
     """Check every file's sha256, then run the golden set on this device's backend.
+
+    A bundle shipped with `--allow-failed` (its parity failed at bundle time) does not pass unless
+    the device side says `allow_failed` too: a script that checks exit codes must not accept it.
 
     Exit codes through the raised errors: 4 for a file that does not match (or an unsafe archive),
     3 when the backend is absent here or the bundle holds a build kit instead of an engine. Golden
@@ -355,7 +362,9 @@ def verify_bundle(path: str | Path, *, expect: str | None = None, hashes_only: b
         result = VerifyResult(bundle=Path(path), manifest=manifest, files=len(manifest["files"]), bytes_hashed=hashed)
         parity = manifest.get("parity") or {}
         if parity.get("passed") is False:
-            result.notes.append("shipped although parity FAILED at bundle time: " + "; ".join(parity.get("failures", [])))
+            result.notes.append("shipped although parity FAILED at bundle time: " + "; ".join(parity.get("failures", []))
+                                + ("" if allow_failed else " (exit 1; `verify --allow-failed` accepts it)"))
+            result.failed_parity = not allow_failed
         if hashes_only:
             return result
         if manifest["artifact"]["kind"] != "compiled":
@@ -530,8 +539,7 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
         expected, expected_from = reference, reference_from
 
     created = int(time.time())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temporary_dir(out)  # a killed bundle's leftover is swept here too
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle into place
         (tmp / MODEL_DIR).mkdir()

@@ -532,12 +532,15 @@ def bundle_cmd(run: Path, target: str, out: Path, archive: bool, data: Path | No
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--expect", default=None, help="The bundle digest you expect (printed by `bundle`).")
 @click.option("--hashes-only", is_flag=True, help="Check the files' sha256 only, not the golden set.")
-def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool) -> None:
+@click.option("--allow-failed", is_flag=True,
+              help="Accept a bundle shipped with --allow-failed (its parity failed at bundle time).")
+def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool, allow_failed: bool) -> None:
     """Check every file of BUNDLE (folder or .tar.gz) against its sha256 (exit 4), then its golden set on
-    this device's backend (exit 1 beyond the target's tolerances)."""
+    this device's backend (exit 1 beyond the target's tolerances, or for a bundle shipped with a failed
+    parity unless --allow-failed)."""
     from .bundle import verify_bundle
 
-    result = verify_bundle(bundle, expect=expect, hashes_only=hashes_only)
+    result = verify_bundle(bundle, expect=expect, hashes_only=hashes_only, allow_failed=allow_failed)
     rows = [["files", f"{result.files} match their sha256 ({result.bytes_hashed / 1e6:.1f} MB)", "pass"]]
     g = result.golden
     if g is not None:

@@ -144,7 +144,7 @@ def _ship(run: Path, target: str, out: Path, images: Path, count: int, *, allow_
 
     log.info("shipping %s: bundle → verify → infer on %d test images", target, count)
     result = write_bundle(run, target, out, archive=True, allow_failed=allow_failed, force=True)
-    check = verify_bundle(result.archive or result.folder)
+    check = verify_bundle(result.archive or result.folder, allow_failed=allow_failed)
     chosen = [min(d.glob("*.png")) for d in sorted(images.iterdir()) if d.is_dir() and any(d.glob("*.png"))][:count]
     with open_bundle(result.archive or result.folder) as model:
         predictions = [{"image": p.relative_to(images).as_posix(), **model.predict(p).to_dict()} for p in chosen]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -44,10 +45,22 @@ def _sweep_orphans(final: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
         except PermissionError:  # alive, owned by someone else
             pass
+
+
+def temporary_dir(final: str | Path) -> Path:
+    """A new folder next to `final` named like every temporary here (host, pid), after sweeping the
+    ones a killed writer left: for writers that assemble a whole folder, then rename it into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_orphans(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
 
 
 @contextlib.contextmanager

@@ -282,7 +282,8 @@ class OpenVinoRunner(Runner):
 
 class OpenVinoBackend(Backend):
     name = "openvino"
-    install_hint = "pip install 'edgetransfer[openvino]'"
+    install_hint = ("pip install 'edgetransfer[runtime-openvino]' on a device, or 'edgetransfer[openvino]' on a "
+                    "workstation (adds NNCF for quantizing)")
 
     def available(self) -> str | None:
         try:

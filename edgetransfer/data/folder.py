@@ -112,7 +112,21 @@ def _class_dirs(folder: Path) -> dict[str, Path]:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"cannot list folder: {exc}", path=folder) from exc
-    return {e.name: Path(e.path) for e in entries if not _ignored(e.name) and e.is_dir()}
+    out: dict[str, Path] = {}
+    seen: dict[str, str] = {}  # casefolded NFC name -> the folder name that claimed it
+    for e in entries:
+        if _ignored(e.name) or not e.is_dir():
+            continue
+        # one class, one name: "café" typed on macOS (NFD) and on Linux (NFC) is the same class, and
+        # "Bolt" next to "bolt" is a typo that would split one class in two (or merge on another disk)
+        name = unicodedata.normalize("NFC", e.name)
+        key = name.casefold()
+        if key in seen:
+            raise DataError(f"class folders {seen[key]!r} and {e.name!r} name the same class (they differ only "
+                            "in case or Unicode normalisation); merge or rename one", path=folder)
+        seen[key] = e.name
+        out[name] = Path(e.path)
+    return out
 
 
 def _list_images(class_dir: Path) -> list[Path]:

@@ -124,3 +124,35 @@ def test_quantize_refuses_a_model_onnx_runtime_cannot_load(run_copy):
     assert "ONNX Runtime cannot load" in result.output
     assert not (run_copy / "x86-onnxruntime").exists()
     shutil.rmtree(run_copy)
+
+
+# ---- row 12: one class, two folder names --------------------------------------------------------------
+
+@pytest.mark.parametrize("names", [("caf\u00e9", "cafe\u0301"), ("Bolt", "bolt")], ids=["nfc-nfd", "case"])
+def test_class_folders_that_name_the_same_class_are_refused(tiny_data, tmp_path, names):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", data / "train")
+    source = next(p for p in (data / "train").iterdir() if p.is_dir())
+    for name in names:
+        shutil.copytree(source, data / "train" / name)
+    result = cli(*cli_train_args(data, tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    assert "name the same class" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+# ---- row 18: what a killed bundle left behind ---------------------------------------------------------
+
+def test_a_killed_bundles_temporary_folder_is_swept_by_the_next_bundle(shipped_run, tmp_path):
+    from edgetransfer.fsutil import _owner
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, as after kill -9
+    out = tmp_path / "bundle"
+    leftover = tmp_path / f".{out.name}.{_owner()}.{dead.pid}.abc123.tmp"
+    (leftover / "model").mkdir(parents=True)
+    (leftover / "model" / "model.onnx").write_bytes(b"\0" * 1024)
+    result = cli("bundle", shipped_run, "--target", "x86-onnxruntime", "--out", out, "--allow-failed", "--archive")
+    assert result.exit_code == 0, result.output
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.tar.gz"]
