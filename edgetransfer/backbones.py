@@ -311,7 +311,11 @@ def create(name: str, num_classes: int, *, weights: str = "none", img_size: int 
         import torchvision
 
         if name not in _torchvision_names():
-            raise UsageError(f"unknown backbone {name!r}; `edgetransfer backbones` lists them", field="backbone")
+            import difflib
+
+            close = difflib.get_close_matches(name, list_backbones(include_timm=False), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"unknown backbone {name!r}; {hint}`edgetransfer backbones` lists them", field="backbone")
         model = torchvision.models.get_model(name, weights=None)
         if weights not in ("none", "") and not is_path:
             enum = _weights_enum(name, weights)

@@ -523,7 +523,7 @@ def bundle_cmd(run: Path, target: str, out: Path, archive: bool, data: Path | No
         ["artifact", f"{m['artifact']['kind']}: {', '.join(m['artifact']['files'])}"],
         ["golden set", f"{m['golden']['count']} images, expected outputs from {m['golden']['expected_from']}"],
         ["parity at bundle time", {True: "passed", False: "FAILED (--allow-failed)", None: "not validated"}[parity]],
-        ["files", f"{len(m['files']) + 1} ({size / 1e6:.1f} MB)"],
+        ["files", f"{len(m['files'])} hashed + manifest.json ({size / 1e6:.1f} MB)"],
         ["digest (manifest sha256)", result.digest]] + ([["archive", str(result.archive)]] if result.archive else []))
     _print_warnings(m.get("warnings", []))
 
@@ -541,7 +541,8 @@ def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool, allow_failed
     from .bundle import verify_bundle
 
     result = verify_bundle(bundle, expect=expect, hashes_only=hashes_only, allow_failed=allow_failed)
-    rows = [["files", f"{result.files} match their sha256 ({result.bytes_hashed / 1e6:.1f} MB)", "pass"]]
+    rows = [["files", f"{result.files} hashed + manifest.json match their sha256 ({result.bytes_hashed / 1e6:.1f} MB)",
+             "pass"]]
     g = result.golden
     if g is not None:
         rows.append([f"golden set ({g.samples} images)", f"agreement {g.agreement:.4f}, max |Δ| {g.max_abs_diff:.2e}, "

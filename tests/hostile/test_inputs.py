@@ -156,3 +156,19 @@ def test_a_killed_bundles_temporary_folder_is_swept_by_the_next_bundle(shipped_r
     assert result.exit_code == 0, result.output
     assert not leftover.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.tar.gz"]
+
+
+# ---- row 22: small inconsistencies --------------------------------------------------------------------
+
+def test_a_misspelled_backbone_gets_a_did_you_mean(tiny_data, tmp_path):
+    result = cli(*cli_train_args(tiny_data, tmp_path / "run", backbone="resnet1"))
+    assert result.exit_code == 2 and "did you mean 'resnet18'" in result.output, result.output
+
+
+def test_bundle_and_verify_count_the_same_files(shipped_run, tmp_path):
+    out = tmp_path / "bundle"
+    made = cli("bundle", shipped_run, "--target", "x86-onnxruntime", "--out", out, "--allow-failed")
+    checked = cli("verify", out, "--hashes-only")
+    assert made.exit_code == 0 and checked.exit_code == 0, made.output + checked.output
+    files = len(json.loads((out / "manifest.json").read_text())["files"])
+    assert f"{files} hashed + manifest.json" in made.output and f"{files} hashed + manifest.json" in checked.output
