@@ -134,7 +134,8 @@ def load_resume(run: Path, model: nn.Module) -> ResumeState:
     ckpt = run / "checkpoints"
     info = _read_index(ckpt / INDEX_FILE)
     if info is None:
-        raise UsageError("nothing to resume: no checkpoints/last.json (the run never finished an epoch)", path=run)
+        raise UsageError("nothing to resume: no checkpoints/last.json (the run never finished an epoch); run the "
+                         "same command without --resume to start it again in this folder", path=run)
     problems = []
     for entry in (info, info.get("previous")):
         if not entry:

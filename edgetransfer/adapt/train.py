@@ -519,6 +519,9 @@ def _jsonl(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True) + "\n"
 
 
+#: what a run folder holds before its first epoch ends: such a folder may be started again in place
+_BEFORE_FIRST_EPOCH = frozenset({"train_config.json", "split.json", "shards.json", "edgetransfer.log"})
+
 #: settings that change how fast a run goes, not what it computes: a run may resume with others
 _SPEED_ONLY = ("num_workers", "compile")
 
@@ -545,6 +548,13 @@ def check_run_folder(data: str | Path, run: Path, config: TrainConfig, *, resume
             raise UsageError(f"--resume with different settings than the interrupted run: {', '.join(diff)}",
                              path=config_file)
     elif run.exists() and any(run.iterdir()):
+        left = {p.name for p in run.iterdir()}
+        if left <= _BEFORE_FIRST_EPOCH:  # a run that failed before its first epoch: nothing to keep
+            log.info("%s holds a run that never finished an epoch (%s); starting it again in place",
+                     run, ", ".join(sorted(left)))
+            for name in left - {"edgetransfer.log"}:
+                (run / name).unlink()
+            return
         raise UsageError("output folder is not empty; pick a new --out, or pass --resume to continue it", path=run)
 
 

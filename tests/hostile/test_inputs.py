@@ -172,3 +172,25 @@ def test_bundle_and_verify_count_the_same_files(shipped_run, tmp_path):
     assert made.exit_code == 0 and checked.exit_code == 0, made.output + checked.output
     files = len(json.loads((out / "manifest.json").read_text())["files"])
     assert f"{files} hashed + manifest.json" in made.output and f"{files} hashed + manifest.json" in checked.output
+
+
+# ---- row 14: a run that failed before its first epoch ---------------------------------------------------
+
+def test_a_run_that_never_finished_an_epoch_starts_again_in_place(tiny_data, tmp_path, monkeypatch):
+    """Fault injection: the first epoch dies (as with a MemoryError or an image deleted mid-epoch)."""
+    from edgetransfer.adapt import train as training
+
+    out = tmp_path / "run"
+
+    def dies(self, *args, **kwargs):
+        raise MemoryError("injected before the first epoch ended")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Trainer, "fit", dies)
+        result = cli(*cli_train_args(tiny_data, out))
+    assert result.exit_code != 0 and out.exists() and not (out / "checkpoints").exists()
+    resumed = cli(*cli_train_args(tiny_data, out), "--resume")
+    assert resumed.exit_code == 2 and "without --resume" in resumed.output, resumed.output
+    again = cli(*cli_train_args(tiny_data, out))
+    assert again.exit_code == 0, again.output
+    assert (out / "model.safetensors").exists() and (out / "meta.json").exists()
