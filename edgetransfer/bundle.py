@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import KIT_FILE
-from .errors import DependencyError, GateFailed, IntegrityError, UsageError
+from .errors import DependencyError, EdgeTransferError, GateFailed, IntegrityError, UsageError
 from .fsutil import atomic_path, sha256_file, temporary_dir
 from .parity import PairReport, Side, compare
 from .spec import InputSpec
@@ -272,7 +272,16 @@ def bundle_folder(path: str | Path) -> Iterator[Path]:
     if not path.exists():
         raise UsageError("no such bundle folder or archive", path=path)
     with tempfile.TemporaryDirectory(prefix="edgetransfer-bundle-") as tmp:
-        yield extract_archive(path, Path(tmp) / "bundle")
+        folder = Path(tmp) / "bundle"
+        try:
+            yield extract_archive(path, folder)
+        except EdgeTransferError as exc:  # name the archive the user gave, not the temporary folder
+            inside = f"{folder}{os.sep}"
+            exc.args = tuple(a.replace(inside, f"{path}:").replace(str(folder), str(path)) if isinstance(a, str)
+                             else a for a in exc.args)
+            if exc.path is not None and exc.path.is_relative_to(folder):
+                exc.path = Path(f"{path}:{exc.path.relative_to(folder).as_posix()}")
+            raise
 
 
 def _write_archive(folder: Path, final: Path, names: list[str], mtime: int) -> None:

@@ -194,3 +194,20 @@ def test_a_run_that_never_finished_an_epoch_starts_again_in_place(tiny_data, tmp
     again = cli(*cli_train_args(tiny_data, out))
     assert again.exit_code == 0, again.output
     assert (out / "model.safetensors").exists() and (out / "meta.json").exists()
+
+
+# ---- row 19: errors about an archive name the archive ---------------------------------------------------
+
+def test_errors_inside_an_archive_name_the_archive_not_a_temporary_folder(bundles, tmp_path):
+    archive = tmp_path / "line3.tar.gz"
+    with tarfile.open(bundles["x86-onnxruntime.tar.gz"], "r:gz") as src, tarfile.open(archive, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name.endswith("expected.npy"):
+                data = data[:-8] + b"\x00" * 8  # one golden value changed: its sha256 no longer matches
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    result = cli("verify", archive, "--allow-failed")
+    assert result.exit_code == 4, result.output
+    assert f"{archive}:golden/expected.npy" in result.output
+    assert "edgetransfer-bundle-" not in result.output
