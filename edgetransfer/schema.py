@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import stat
 import types
 from pathlib import Path
@@ -22,6 +23,8 @@ from .errors import EdgeTransferError, UsageError
 
 MAX_YAML_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 32  # a profile or recipe is 3-4 levels deep
+#: a number YAML 1.1 leaves as a string (``1e-4``: an exponent without a dot)
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 T = TypeVar("T")
 
 
@@ -92,6 +95,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; the user meant the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {value!r}")
             return 0.0
@@ -147,9 +152,12 @@ def _build(cls: type[T], data: Any, where: str, errors: list[str]) -> T:
         return _INVALID  # type: ignore[return-value]
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})  # other tools' names for a field
     for key in data:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            if not hint and (near := difflib.get_close_matches(str(key), list(aliases), n=1)):
+                hint = [aliases[near[0]]]
             errors.append(f"{where + '.' if where else ''}{key}: unknown key"
                           + (f" (did you mean {hint[0]!r}?)" if hint else f"; known: {', '.join(fields)}"))
     # Fields that fail are replaced by _INVALID (an invalid choice keeps the value the file gave, which
@@ -172,7 +180,12 @@ def _build(cls: type[T], data: Any, where: str, errors: list[str]) -> T:
             kwargs[name] = _INVALID
     try:
         obj = cls(**kwargs)
-    except (TypeError, ValueError, EdgeTransferError) as exc:
+    except EdgeTransferError as exc:  # the class's own checks (they skip fields refused above), each listed
+        listed = getattr(exc, "problems", None) or [f"{exc.field}: {str(exc).removeprefix(f'field {exc.field!r}: ')}"
+                                                    if exc.field else str(exc)]
+        errors.extend(f"{where + '.' if where else ''}{problem}" for problem in listed)
+        return _INVALID  # type: ignore[return-value]
+    except (TypeError, ValueError) as exc:
         if not failed:
             errors.append(f"{where or 'document'}: {exc}")
         return _INVALID  # type: ignore[return-value]

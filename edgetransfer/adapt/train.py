@@ -14,15 +14,16 @@ never waits for the host.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +53,7 @@ class TrainingDiverged(UsageError):
 
 #: the largest input side and loader worker count a run accepts (exit 2 beyond them)
 MAX_IMG_SIZE = 4096
+MIN_IMG_SIZE = 8
 MAX_WORKERS = 64
 
 
@@ -90,43 +92,74 @@ class TrainConfig:
     mean: tuple[float, float, float] | None = None  # override the weights' own normalisation (with std)
     std: tuple[float, float, float] | None = None
 
+    #: other tools' names for these settings, for a recipe's did-you-mean
+    ALIASES: ClassVar[dict[str, str]] = {"learning_rate": "lr", "image_size": "img_size", "num_epochs": "epochs",
+                                         "batch": "batch_size", "workers": "num_workers", "imgsz": "img_size"}
+
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UsageError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}", field="mode")
-        for name in ("epochs", "batch_size", "img_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"must be positive, got {getattr(self, name)}", field=name)
+        problems = self.problems()
+        if problems:  # every problem at once; `field` names the first, `problems` lists them for a recipe
+            field, _, first = problems[0].partition(": ")
+            error = UsageError(" | ".join([first, *problems[1:]]), field=field)
+            error.problems = problems
+            raise error
+        for name in ("mean", "std"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def problems(self) -> list[str]:
+        """Every setting a run cannot use, as "field: why" (empty when none).
+
+        A value of the wrong type (a recipe field the schema already refused) is skipped here, so the
+        other fields' problems are still listed with it."""
+        out: list[str] = []
+
+        def number(name: str) -> float | None:
+            value = getattr(self, name)
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        def choice(name: str, options: Sequence[str], what: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in options:
+                close = difflib.get_close_matches(value, list(options), n=1)
+                out.append(f"{name}: unknown {what} {value!r}; choose one of {', '.join(options)}"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+        choice("mode", MODES, "mode")
+        choice("resize", list(RESIZE_POLICIES), "resize policy")
+        choice("bn", ("auto", "train", "frozen"), "bn policy")
+        if isinstance(self.augment, str):
+            try:
+                augmentation(self.augment)
+            except UsageError as exc:
+                out.append(f"augment: {str(exc).removeprefix(f'field {exc.field!r}: ')}")
+        for name, least in (("epochs", 1), ("batch_size", 1), ("img_size", MIN_IMG_SIZE)):
+            if (value := number(name)) is not None and value < least:
+                out.append(f"{name}: must be at least {least}, got {value}")
         # upper bounds a run can meet: beyond them a loader allocates gigabytes or forks thousands
         for name, most in (("img_size", MAX_IMG_SIZE), ("num_workers", MAX_WORKERS)):
-            if (getattr(self, name) or 0) > most:
-                raise UsageError(f"must be at most {most}, got {getattr(self, name)}", field=name)
+            if (value := number(name)) is not None and value > most:
+                out.append(f"{name}: must be at most {most}, got {value}")
         for name in ("lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UsageError(f"must be a finite number >= 0, got {value}", field=name)
-        if self.lr <= 0:
-            raise UsageError(f"must be positive, got {self.lr}", field="lr")
-        if not 0 <= self.label_smoothing < 1:
-            raise UsageError("must be in [0, 1)", field="label_smoothing")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise UsageError(f"must be 0 or more, got {self.num_workers}", field="num_workers")
-        if not 0 <= self.skip_bad_images < 0.5:
-            raise UsageError(f"must be in [0, 0.5), got {self.skip_bad_images}", field="skip_bad_images")
-        if self.resize not in RESIZE_POLICIES:
-            raise UsageError(f"unknown resize policy {self.resize!r}; choose one of {', '.join(RESIZE_POLICIES)}",
-                             field="resize")
-        augmentation(self.augment)
-        if self.bn not in ("auto", "train", "frozen"):
-            raise UsageError(f"unknown bn policy {self.bn!r}; choose auto, train or frozen", field="bn")
+            if (value := number(name)) is not None and not (math.isfinite(value) and value >= 0):
+                out.append(f"{name}: must be a finite number >= 0, got {value}")
+        if (lr := number("lr")) is not None and lr == 0:
+            out.append("lr: must be positive, got 0")
+        if (value := number("label_smoothing")) is not None and not 0 <= value < 1:
+            out.append(f"label_smoothing: must be in [0, 1), got {value}")
+        if (value := number("num_workers")) is not None and value < 0:
+            out.append(f"num_workers: must be 0 or more, got {value}")
+        if (value := number("skip_bad_images")) is not None and not 0 <= value < 0.5:
+            out.append(f"skip_bad_images: must be in [0, 0.5), got {value}")
         if (self.mean is None) != (self.std is None):
-            raise UsageError("give --mean and --std together", field="mean" if self.mean is None else "std")
+            out.append(f"{'mean' if self.mean is None else 'std'}: give --mean and --std together")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if value is not None:
-                if len(value) != 3 or not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
-                    raise UsageError(f"needs three finite values{', all positive' if name == 'std' else ''}, "
-                                     f"got {value}", field=name)
-                object.__setattr__(self, name, tuple(float(v) for v in value))
+            if isinstance(value, (tuple, list)) and (
+                    len(value) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                    or (name == "std" and min(value) <= 0)):
+                out.append(f"{name}: needs three finite values{', all positive' if name == 'std' else ''}, got {value}")
+        return out
 
     @property
     def pretrained(self) -> bool:

@@ -211,3 +211,30 @@ def test_errors_inside_an_archive_name_the_archive_not_a_temporary_folder(bundle
     assert result.exit_code == 4, result.output
     assert f"{archive}:golden/expected.npy" in result.output
     assert "edgetransfer-bundle-" not in result.output
+
+
+# ---- row 13: a recipe with several mistakes ---------------------------------------------------------------
+
+def test_a_recipe_reports_every_problem_at_once_with_its_own_field_names(tiny_data, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {tiny_data}\nout: {tmp_path / 'run'}\n"
+                      "train: {epochs: \"ten\", lr: 1e-4, learnign_rate: 3, img_size: 7, batch_size: 0}\n")
+    result = cli("run", recipe)
+    assert result.exit_code == 2, result.output
+    out = result.output
+    assert str(recipe) in out
+    for line in ("train.learnign_rate: unknown key (did you mean 'lr'?)", "train.epochs: expected an integer",
+                 "train.img_size: must be at least 8, got 7", "train.batch_size: must be at least 1, got 0"):
+        assert line in out, out
+    assert "lr" not in out.replace("learnign_rate", "").replace("'lr'", ""), "1e-4 is the number the user meant"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_reads_1e_minus_4_as_a_number(tiny_data, tmp_path):
+    from edgetransfer.pipeline import Recipe
+    from edgetransfer.schema import from_dict, read_yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {tiny_data}\nout: {tmp_path / 'run'}\ntrain: {{lr: 1e-4, backbone: resnet18}}\n")
+    assert read_yaml(recipe)["train"]["lr"] == "1e-4"  # what YAML 1.1 gives
+    assert from_dict(Recipe, read_yaml(recipe), source=recipe).train.lr == pytest.approx(1e-4)
