@@ -7,6 +7,7 @@ are passed on marked as BGR so the model's preprocessing puts the channels in th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 
 from ..errors import DependencyError, UsageError
 from ..preprocess import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 
@@ -40,8 +43,15 @@ def _cv2() -> Any:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                  key=lambda p: p.relative_to(folder).as_posix())
+    """The image files under `folder`. Symlinked images are read wherever they point (a camera's
+    spool often links its frames); an image name that is not a readable file (a broken link, a FIFO)
+    is skipped, and one line names what was."""
+    named = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    skipped = sorted(p.relative_to(folder).as_posix() for p in named if not p.is_file())
+    if skipped:
+        log.warning("skipped %d image name(s) in %s that are not readable files (broken links, FIFOs): %s",
+                    len(skipped), folder, ", ".join(skipped[:10]) + (" …" if len(skipped) > 10 else ""))
+    return sorted((p for p in named if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
 
 
 def _capture(cap: Any, name: str, max_frames: int | None, every: int) -> Iterator[SourceFrame]:

@@ -238,3 +238,18 @@ def test_a_recipe_reads_1e_minus_4_as_a_number(tiny_data, tmp_path):
     recipe.write_text(f"data: {tiny_data}\nout: {tmp_path / 'run'}\ntrain: {{lr: 1e-4, backbone: resnet18}}\n")
     assert read_yaml(recipe)["train"]["lr"] == "1e-4"  # what YAML 1.1 gives
     assert from_dict(Recipe, read_yaml(recipe), source=recipe).train.lr == pytest.approx(1e-4)
+
+
+# ---- row 17: links in folders ------------------------------------------------------------------------------
+
+def test_infer_reads_linked_images_and_names_a_broken_link_it_skips(bundles, tiny_data, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    image = next((tiny_data / "test").rglob("*.png"))
+    (folder / "linked.png").symlink_to(image)  # outside this folder: read where it points
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")  # broken
+    result = CliRunner().invoke(main, ["infer", str(bundles["x86-onnxruntime"]), str(folder)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["source"]).name for r in records] == ["linked.png"]
+    assert "skipped 1 image name" in result.stderr and "gone.png" in result.stderr
