@@ -71,7 +71,8 @@ def test_registered_and_available_here():
 def test_unimportable_openvino_is_a_reason_not_a_traceback(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` sees when it is absent
     reason = OpenVinoBackend().available()
-    assert reason is not None and "pip install 'edgetransfer[openvino]'" in reason
+    assert reason is not None and "pip install 'edgetransfer[runtime-openvino]'" in reason
+    assert "'edgetransfer[openvino]'" in reason  # the workstation's extra, with NNCF
     with pytest.raises(DependencyError) as info:
         get_backend("openvino")
     assert info.value.exit_code == 3 and "edgetransfer[openvino]" in str(info.value)
