@@ -253,3 +253,15 @@ def test_infer_reads_linked_images_and_names_a_broken_link_it_skips(bundles, tin
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["source"]).name for r in records] == ["linked.png"]
     assert "skipped 1 image name" in result.stderr and "gone.png" in result.stderr
+
+
+# ---- row 15: a manifest far larger than any edgetransfer writes -------------------------------------------
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with open(bundle / "manifest.json", "wb") as fh:  # sparse: 64 MiB claimed, nothing to parse
+        fh.truncate(64 << 20)
+    result = cli("verify", bundle)
+    assert result.exit_code == 4, result.output
+    assert "a manifest is at most" in result.output and result.seconds < 10
