@@ -196,8 +196,6 @@ def check_files(folder: str | Path, manifest: dict[str, Any], names: list[str] |
 # ---- archives --------------------------------------------------------------------------------
 
 def _check_members(members: list[tarfile.TarInfo], archive: Path, max_members: int, max_bytes: int) -> None:
-    if len(members) > max_members:
-        raise IntegrityError(f"{len(members)} members; a bundle archive holds at most {max_members}", path=archive)
     seen: set[str] = set()
     total = 0
     for m in members:
@@ -213,9 +211,39 @@ def _check_members(members: list[tarfile.TarInfo], archive: Path, max_members: i
         if key in seen:
             raise IntegrityError(f"member {m.name!r} appears twice", path=archive)
         seen.add(key)
+    if len(members) > max_members:
+        raise IntegrityError(f"{len(members)} members; this archive may hold at most {max_members}", path=archive)
+    for m in members:
         total += m.size
         if total > max_bytes:
             raise IntegrityError(f"members add up to more than {max_bytes} bytes", path=archive)
+
+
+def _listed_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], archive: Path) -> list[tarfile.TarInfo]:
+    """The members a bundle archive may extract: each must be listed in its manifest with the size the
+    manifest declares, so nothing beyond what the bundle says it holds reaches the disk (a camera box
+    may have little to spare). A manifest that cannot be read is extracted alone: `read_manifest`
+    then says exactly why it is refused."""
+    manifest = next((m for m in members if m.name == MANIFEST), None)
+    if manifest is None:
+        raise IntegrityError(f"no {MANIFEST} in the archive: not an edgetransfer bundle", path=archive)
+    if manifest.size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{MANIFEST} is {manifest.size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}",
+                             path=archive)
+    try:
+        files = json.loads(tar.extractfile(manifest).read().decode("ascii"))["files"]
+        declared = {name: entry["bytes"] for name, entry in files.items()}
+    except (ValueError, AttributeError, TypeError, KeyError, RecursionError):
+        return [manifest]
+    for m in members:
+        if m is manifest:
+            continue
+        if m.name not in declared:
+            raise IntegrityError(f"member {m.name!r} is not listed in the bundle's {MANIFEST}", path=archive)
+        if m.size != declared[m.name]:
+            raise IntegrityError(f"member {m.name!r} holds {m.size} bytes, the manifest declares {declared[m.name]}",
+                                 path=archive)
+    return members
 
 
 def _gzip_bytes(archive: Path, max_bytes: int) -> int:
@@ -233,8 +261,11 @@ def _gzip_bytes(archive: Path, max_bytes: int) -> int:
 
 
 def extract_archive(archive: str | Path, dest: str | Path, *, max_members: int = MAX_MEMBERS,
-                    max_bytes: int = MAX_BYTES) -> Path:
+                    max_bytes: int = MAX_BYTES, require_manifest: bool = False) -> Path:
     """Extract a bundle archive into `dest` (which must not exist) and return it.
+
+    `require_manifest`: only the members the archive's own manifest lists, at the sizes it declares,
+    are extracted (how `verify`, `infer` and `bench` open an archive; `_listed_members`).
 
     Every member is checked before a byte is written: regular files only (no links, devices, fifos
     or directories), relative names without '..', duplicates or drive letters, a bounded member
@@ -253,6 +284,8 @@ def extract_archive(archive: str | Path, dest: str | Path, *, max_members: int =
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
             _check_members(members, archive, max_members, max_bytes)
+            if require_manifest:
+                members = _listed_members(tar, members, archive)
             tar.extractall(tmp, members=members, filter="data")
         os.replace(tmp, dest)
     except tarfile.TarError as exc:
@@ -274,7 +307,7 @@ def bundle_folder(path: str | Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="edgetransfer-bundle-") as tmp:
         folder = Path(tmp) / "bundle"
         try:
-            yield extract_archive(path, folder)
+            yield extract_archive(path, folder, require_manifest=True)
         except EdgeTransferError as exc:  # name the archive the user gave, not the temporary folder
             inside = f"{folder}{os.sep}"
             exc.args = tuple(a.replace(inside, f"{path}:").replace(str(folder), str(path)) if isinstance(a, str)

@@ -265,3 +265,30 @@ def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path):
     result = cli("verify", bundle)
     assert result.exit_code == 4, result.output
     assert "a manifest is at most" in result.output and result.seconds < 10
+
+
+# ---- row 16: an archive that holds more than its manifest declares ----------------------------------------
+
+@pytest.mark.parametrize("extra", ["unlisted", "larger"])
+def test_an_archive_holding_more_than_its_manifest_declares_is_refused_before_extraction(bundles, tmp_path, extra):
+    source = bundles["x86-onnxruntime.tar.gz"]
+    archive = tmp_path / "grown.tar.gz"
+    big = bytes(64 << 20)  # 64 MiB of zeros: well under 1 MB compressed
+    with tarfile.open(source, "r:gz") as src, tarfile.open(archive, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if extra == "larger" and member.name.endswith("inputs.npy"):
+                data = big
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+        if extra == "unlisted":
+            info = tarfile.TarInfo("model/padding.bin")
+            info.size = len(big)
+            dst.addfile(info, io.BytesIO(big))
+    assert archive.stat().st_size < source.stat().st_size + (1 << 20)  # the 64 MiB compress to ~64 KiB
+    before = sorted(p.name for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir())
+    result = cli("verify", archive, "--allow-failed")
+    assert result.exit_code == 4, result.output
+    assert ("is not listed in the bundle's manifest.json" if extra == "unlisted" else "the manifest declares") \
+        in result.output
+    assert sorted(p.name for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir()) == before  # nothing left behind
