@@ -538,7 +538,7 @@ def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool, allow_failed
     """Check every file of BUNDLE (folder or .tar.gz) against its sha256 (exit 4), then its golden set on
     this device's backend (exit 1 beyond the target's tolerances, or for a bundle shipped with a failed
     parity unless --allow-failed)."""
-    from .bundle import verify_bundle
+    from .bundleformat import verify_bundle
 
     result = verify_bundle(bundle, expect=expect, hashes_only=hashes_only, allow_failed=allow_failed)
     rows = [["files", f"{result.files} hashed + manifest.json match their sha256 ({result.bytes_hashed / 1e6:.1f} MB)",

@@ -172,3 +172,17 @@ def test_clean_runtime_venv_without_torch(bundles, tiny_data):
     check = run("-c", "import sys, edgetransfer.runtime, edgetransfer.bundle, edgetransfer.cli; "
                       "assert 'torch' not in sys.modules; print(edgetransfer.runtime.__file__)")
     assert check.returncode == 0, check.stderr
+
+
+def test_the_runtime_imports_no_workstation_module():
+    """The device runtime stands on the bundle format alone: not the writer, validate, the stages or torch."""
+    code = ("import sys, edgetransfer.runtime, edgetransfer.runtime.infer, edgetransfer.runtime.sources; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('edgetransfer', 'torch', 'onnx.')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "edgetransfer.bundleformat" in loaded
+    for workstation in ("edgetransfer.bundle", "edgetransfer.validate", "edgetransfer.stages", "edgetransfer.quantize",
+                        "edgetransfer.export", "edgetransfer.adapt", "torch"):
+        assert workstation not in loaded, f"{workstation} imported by the device runtime: {sorted(loaded)}"

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends import get_backend
-from ..bundle import MANIFEST, build_target, check_files, extract_archive, kit_instructions, ran_precision, read_manifest
+from ..bundleformat import MANIFEST, build_target, check_files, extract_archive, kit_instructions, ran_precision, read_manifest
 from ..errors import DependencyError, UsageError
 from ..preprocess import load_image, preprocess
 from ..spec import InputSpec
