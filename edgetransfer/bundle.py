@@ -33,7 +33,7 @@ import numpy as np
 from .backends.base import KIT_FILE
 from .bundleformat import (GOLDEN_DIR, KIND, MANIFEST, MODEL_DIR, SCHEMA, VerifyResult, bundle_folder, check_files,
                            extract_archive, manifest_bytes, read_manifest, run_batches, unsafe_name, verify_bundle)
-from .errors import GateFailed, IntegrityError, UsageError
+from .errors import EdgeTransferError, GateFailed, IntegrityError, UsageError
 from .fsutil import atomic_path, sha256_file, temporary_dir
 from .parity import Side, compare
 
@@ -204,25 +204,26 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
         tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle into place
         (tmp / MODEL_DIR).mkdir()
         (tmp / GOLDEN_DIR).mkdir()
-        names = []
+        names, copied = [], {}  # copied: bundle name -> the artifact file's name in compiled.json
         for src in sources:
             rel = src.relative_to(tdir).as_posix() if src.is_relative_to(tdir) else src.name
             dst = tmp / MODEL_DIR / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             names.append(f"{MODEL_DIR}/{rel}")
+            copied[f"{MODEL_DIR}/{rel}"] = rel
         arrays = {"inputs": x.astype(np.float32), "expected": expected.astype(np.float32),
                   "reference": reference.astype(np.float32), "labels": labels.astype(np.int64)}
         for key, arr in arrays.items():
             np.save(tmp / GOLDEN_DIR / f"{key}.npy", arr, allow_pickle=False)
             names.append(f"{GOLDEN_DIR}/{key}.npy")
-        artifact_info["files"] = [n for n in names if n.startswith(MODEL_DIR + "/")]
+        artifact_info["files"] = list(copied)
+        hashes = {n: sha256_file(tmp / n) for n in names}  # once: for this check and for the manifest
         if kind == "compiled":  # the copies are the bytes compile wrote and validate measured
-            for src, name in zip(sources, names):
-                rel = src.relative_to(tdir).as_posix() if src.is_relative_to(tdir) else src.name
-                if sha256_file(tmp / name) != compiled_files.get(rel):
-                    raise IntegrityError("changed while it was being bundled; compile and validate again", path=src)
-        agreement = float((expected.argmax(1) == reference.argmax(1)).mean())
+            for name, rel in copied.items():
+                if hashes[name] != compiled_files.get(rel):
+                    raise IntegrityError("changed while it was being bundled; compile and validate again",
+                                         path=tdir / rel)
         golden_check = compare("golden set: compiled artifact vs its ONNX at bundle time",
                                Side(reference_from, tgt.precision), Side(expected_from, ran_as or tgt.precision),
                                reference, expected, None, tgt.gates.compiler.gates())
@@ -238,7 +239,7 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
             "schema": SCHEMA, "kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
             "target": to_dict(tgt), "backend": tgt.backend, "precision": tgt.precision, "ran_as": ran_as,
             "artifact": artifact_info, "classes": list(meta.classes), "input_spec": spec.to_dict(),
-            "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size} for n in sorted(names)},
+            "files": {n: {"sha256": hashes[n], "bytes": (tmp / n).stat().st_size} for n in sorted(names)},
             "toolchain": _versions("edgetransfer", "numpy", "pillow", "onnxruntime", "openvino", "nncf", "onnx",
                                    "torch", "torchvision", "tensorrt"),
             "parity": parity,
@@ -251,7 +252,7 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
                        "reference": f"{GOLDEN_DIR}/reference.npy", "labels": f"{GOLDEN_DIR}/labels.npy",
                        "count": len(chosen), "batch": batch, "source": str(source),
                        "images": [f"{s.path.parent.name}/{s.path.name}" for s in chosen], "expected_from": expected_from,
-                       "reference_from": reference_from, "agreement_with_reference": agreement,
+                       "reference_from": reference_from, "agreement_with_reference": golden_check.agreement,
                        "gates": to_dict(tgt.gates.compiler), "failures": list(golden_check.failures)},
         }
         (tmp / MANIFEST).write_bytes(manifest_bytes(body))
@@ -283,13 +284,11 @@ def _check_out(out: Path, run: Path, force: bool) -> None:
         raise UsageError("--force replaces only a previous bundle folder; this is not a folder", path=out)
     if resolved == run_resolved or run_resolved.is_relative_to(resolved):
         raise UsageError(f"--force would delete the run {run} (or a folder holding it); choose another --out", path=out)
-    try:
-        manifest = json.loads((out / MANIFEST).read_bytes())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+    try:  # the format's own reader: a FIFO, a huge or a foreign manifest.json is not a bundle
+        read_manifest(out)
+    except EdgeTransferError as exc:
         raise UsageError(f"--force replaces only a previous bundle (a folder with an edgetransfer {MANIFEST}); "
-                         "this folder holds something else", path=out)
+                         f"this folder holds something else ({exc})", path=out) from exc
 
 
 def _quantization_record(path: Path) -> dict[str, Any] | None:
