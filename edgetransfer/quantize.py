@@ -449,7 +449,8 @@ def quantization_advice(report: QuantizationReport, *, scheme: Quantization, pre
     if report.compiler is not None and report.compiler["failures"]:
         advice.append(f"{report.compiler['compiler']} runs this QDQ file differently from ONNX Runtime "
                       f"({'; '.join(report.compiler['failures'])}): a scheme its compiler executes as written "
-                      f"(the intel-cpu profile's NNCF with symmetric activations), or more layers in fp32")
+                      f"(for OpenVINO the intel-cpu profile's: NNCF, symmetric activations, `float_ops: [Add]`), "
+                      f"or more layers in fp32 (`--max-fallback-layers`)")
     presets = [p for p in ("percentile", "entropy") if p != preset.name]
     if presets:
         advice.append(f"calibrate differently: `edgetransfer quantize RUN --target TARGET --calib {presets[0]}` "

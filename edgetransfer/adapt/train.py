@@ -1,9 +1,10 @@
 """The training loop: one code path for CPU, one GPU and many, for all three transfer modes.
 
-Every device gets channels_last (on a 2-core AMD EPYC it trains EfficientNet-Lite0 1.7x and
-MobileNetV3 1.4x faster than NCHW: depthwise convolutions vectorise across channels). CUDA also gets
+Every device gets channels_last: depthwise convolutions vectorise across channels, and on a 2-core
+AMD EPYC the demo's EfficientNet-Lite0 finetuning took 65 s with it, 104 s without. CUDA also gets
 mixed precision (bf16 where supported, else fp16 with a gradient scaler), fused AdamW, pinned-memory
-loading with persistent workers, and `torch.compile` on request; the CPU runs fp32. Under torchrun the same loop runs in every process with DistributedDataParallel (see
+loading with persistent workers, and `torch.compile` on request; the CPU runs fp32. Under torchrun
+the same loop runs in every process with DistributedDataParallel (see
 `distributed.py`). Randomness depends only on (seed, epoch, sample), so a resumed run draws the same
 batches and augmentations as an uninterrupted one, on any number of processes.
 
@@ -51,9 +52,8 @@ class TrainingDiverged(UsageError):
     """The loss became NaN or infinite: training stops there (exit 2); no checkpoint is written from it."""
 
 
-#: the largest input side and loader worker count a run accepts (exit 2 beyond them)
-MAX_IMG_SIZE = 4096
-MIN_IMG_SIZE = 8
+#: the input sides and loader worker count a run accepts (exit 2 outside them)
+MIN_IMG_SIZE, MAX_IMG_SIZE = 8, 4096
 MAX_WORKERS = 64
 
 
@@ -141,10 +141,11 @@ class TrainConfig:
             if (value := number(name)) is not None and value > most:
                 out.append(f"{name}: must be at most {most}, got {value}")
         for name in ("lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "val_fraction", "test_fraction"):
-            if (value := number(name)) is not None and not (math.isfinite(value) and value >= 0):
-                out.append(f"{name}: must be a finite number >= 0, got {value}")
-        if (lr := number("lr")) is not None and lr == 0:
-            out.append("lr: must be positive, got 0")
+            if (value := number(name)) is None:
+                continue
+            positive = name == "lr"  # a zero learning rate trains nothing
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                out.append(f"{name}: must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
         if (value := number("label_smoothing")) is not None and not 0 <= value < 1:
             out.append(f"label_smoothing: must be in [0, 1), got {value}")
         if (value := number("num_workers")) is not None and value < 0:

@@ -46,12 +46,15 @@ def _images(folder: Path) -> list[Path]:
     """The image files under `folder`. Symlinked images are read wherever they point (a camera's
     spool often links its frames); an image name that is not a readable file (a broken link, a FIFO)
     is skipped, and one line names what was."""
-    named = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
-    skipped = sorted(p.relative_to(folder).as_posix() for p in named if not p.is_file())
+    files, skipped = [], []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            (files if p.is_file() else skipped).append(p.relative_to(folder).as_posix())
     if skipped:
+        skipped.sort()
         log.warning("skipped %d image name(s) in %s that are not readable files (broken links, FIFOs): %s",
                     len(skipped), folder, ", ".join(skipped[:10]) + (" …" if len(skipped) > 10 else ""))
-    return sorted((p for p in named if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
+    return [folder / name for name in sorted(files)]
 
 
 def _capture(cap: Any, name: str, max_frames: int | None, every: int) -> Iterator[SourceFrame]:
