@@ -126,11 +126,12 @@ def test_force_replaces_only_a_previous_bundle(shipped_copy, tmp_path, where):
 def test_force_does_replace_a_previous_bundle(shipped_copy, tmp_path):
     run, out = shipped_copy, tmp_path / "bundle"
     assert cli("bundle", run, "--target", "x86-onnxruntime", "--out", out, "--allow-failed").exit_code == 0
-    first = json.loads((out / "manifest.json").read_text())["created"]
+    (out / "stale.txt").write_text("left in the old bundle\n")  # replaced, not merged: this must go
     result = cli("bundle", run, "--target", "x86-onnxruntime", "--out", out, "--force", "--allow-failed")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "manifest.json").read_text())["kind"] == "edgetransfer-bundle"
-    assert first is not None
+    assert not (out / "stale.txt").exists()
+    assert cli("verify", out, "--hashes-only").exit_code == 0
 
 
 # ---- row 3: an output folder inside the dataset --------------------------------------------------
