@@ -1,0 +1,51 @@
+"""What the shared stages need to know about an anomaly scorer: the metric its INT8 search is judged
+by, and the part of its graph that stays fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..quantize import Metric
+from ..quantize.qdq import COMPUTE_OPS
+from .metrics import NORMALISED_THRESHOLD, auroc
+
+
+def _same_decision(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    return (reference >= NORMALISED_THRESHOLD) == (candidate >= NORMALISED_THRESHOLD)
+
+
+def score_metric(anomalous: np.ndarray) -> Metric:
+    """AUROC on the validation images and the same decision as fp32 (the side of the threshold).
+
+    Without defective validation images AUROC is undefined: the score is then a constant, the drop
+    budget judges nothing (the metric's name says so) and the decision agreement does the work."""
+    if anomalous.all() or not anomalous.any():
+        return Metric("auroc (undefined: val holds one kind of part only)", lambda s, y: 1.0, _same_decision)
+    return Metric("auroc", lambda s, y: auroc(s, y.astype(bool)), _same_decision)
+
+
+def float_nodes(onnx_path: Path) -> list[str]:
+    """The distance head: every MatMul (the bank distances) and every compute node after one (the map's
+    smoothing). ‖p‖² − 2·p·Bᵀ + ‖b‖² subtracts large numbers; in INT8 the nearest-patch distance,
+    which is the whole signal, would be rounded away. The backbone before it is quantized as usual."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    downstream: set[str] = set()
+    stack = [n for n in graph.node if n.op_type == "MatMul"]
+    while stack:
+        node = stack.pop()
+        if node.name in downstream:
+            continue
+        downstream.add(node.name)
+        stack.extend(c for out in node.output for c in consumers.get(out, []))
+    return [n.name for n in graph.node if n.name in downstream and n.op_type in COMPUTE_OPS]
+
+
+__all__ = ["float_nodes", "score_metric"]
