@@ -88,6 +88,15 @@ def test_the_fit_writes_a_run_with_its_threshold_bank_and_per_type_auroc(anomaly
     assert set(meta.metrics["test_auroc_per_type"]) == {"crack", "hole", "scratch", "stain"}
     saved = json.loads((anomaly_run.run / "meta.json").read_text())
     assert saved["task"] == "anomaly" and saved["weights_sha256"]
+    # the recorded figures are what the saved scorer does on the test split, decided at 0.5
+    from edgetransfer.anomaly.fit import raw_scores
+    from edgetransfer.stages import run_splits
+
+    test = run_splits(meta).test
+    scores = raw_scores(load_scorer(anomaly_run.run), test, meta.input_spec, 8, "test")
+    defective = np.array([s.label for s in test]) != meta.classes.index("ok")
+    assert meta.metrics["test_auroc"] == pytest.approx(auroc(scores, defective), abs=1e-6)
+    assert meta.metrics["test_decision_accuracy"] == pytest.approx(((scores >= 0.5) == defective).mean(), abs=1e-6)
 
 
 def test_the_scorer_is_nearest_neighbour_distance_to_the_bank(anomaly_run, tiny_data):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from ..quantize import Metric
-from ..quantize.qdq import COMPUTE_OPS
 from .metrics import NORMALISED_THRESHOLD, auroc
 
 
@@ -27,9 +26,11 @@ def score_metric(anomalous: np.ndarray) -> Metric:
 
 
 def float_nodes(onnx_path: Path) -> list[str]:
-    """The distance head: every MatMul (the bank distances) and every compute node after one (the map's
-    smoothing). ‖p‖² − 2·p·Bᵀ + ‖b‖² subtracts large numbers; in INT8 the nearest-patch distance,
-    which is the whole signal, would be rounded away. The backbone before it is quantized as usual."""
+    """The distance head: every MatMul (the bank distances) and every node after one (min, square
+    root, border crop, the map's resize and smoothing, the score). ‖p‖² − 2·p·Bᵀ + ‖b‖² subtracts
+    large numbers; in INT8 the nearest-patch distance, which is the whole signal, would be rounded
+    away (and NNCF cannot place a quantizer on a graph output at all). The backbone before it is
+    quantized as usual."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -45,7 +46,7 @@ def float_nodes(onnx_path: Path) -> list[str]:
             continue
         downstream.add(node.name)
         stack.extend(c for out in node.output for c in consumers.get(out, []))
-    return [n.name for n in graph.node if n.name in downstream and n.op_type in COMPUTE_OPS]
+    return [n.name for n in graph.node if n.name in downstream]
 
 
 __all__ = ["float_nodes", "score_metric"]

@@ -26,7 +26,7 @@ from ..data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
 from ..errors import UsageError
 from ..fsutil import temporary_dir, write_json
 from ..spec import RESIZE_POLICIES, RunMeta
-from .metrics import Threshold, auroc, choose_threshold
+from .metrics import NORMALISED_THRESHOLD, auroc, choose_threshold
 from .patchcore import PatchCoreConfig, PatchCoreScorer, PatchFeatures, greedy_coreset
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ def fit_anomaly(data: str | Path, out: str | Path, config: PatchCoreConfig = Pat
     scorer.scale.fill_(0.5 / threshold.raw)
     fit_seconds = time.perf_counter() - t0
 
-    test_raw = raw_scores(scorer, splits.test, spec, config.batch_size, "test scores") if splits.test else None
-    metrics = _metrics(splits, good, threshold, val_scores, val_labels, test_raw)
+    test_scores = raw_scores(scorer, splits.test, spec, config.batch_size, "test scores") if splits.test else None
+    metrics = _metrics(splits, good, val_scores, val_labels, test_scores)
     metrics.update({"fit_seconds": round(fit_seconds, 3), "pool_seconds": round(t_pool - t0, 3),
                     "coreset_seconds": round(t_bank - t_pool, 3)})
     record = {"config": json_config(config), "good": splits.classes[good], "threshold": threshold.to_dict(),
@@ -200,7 +200,7 @@ def fit_anomaly(data: str | Path, out: str | Path, config: PatchCoreConfig = Pat
     _write_run(run, scorer, meta, splits)
     log.info("anomaly run %s: bank %d × %d (%.2f MB), threshold %.4g (%s), fit %.1f s%s", run, bank.shape[0],
              bank.shape[1], bank.numel() * 4 / 2**20, threshold.raw, threshold.method, fit_seconds,
-             "" if test_raw is None else f", test AUROC {metrics['test_auroc']:.4f}")
+             "" if test_scores is None else f", test AUROC {metrics['test_auroc']:.4f}")
     return AnomalyResult(run=run, meta=meta)
 
 
@@ -220,15 +220,16 @@ def _write_run(run: Path, scorer: PatchCoreScorer, meta: RunMeta, splits: Datase
         raise
 
 
-def _metrics(splits: DatasetSplits, good: int, threshold: Threshold, val_scores: np.ndarray, val_labels: np.ndarray,
-             test_raw: np.ndarray | None) -> dict[str, Any]:
+def _metrics(splits: DatasetSplits, good: int, val_scores: np.ndarray, val_labels: np.ndarray,
+             test_scores: np.ndarray | None) -> dict[str, Any]:
+    """`test_scores` are normalised (the threshold is 0.5); `val_scores` raw (AUROC does not mind)."""
     out: dict[str, Any] = {"val_auroc": _finite(auroc(val_scores, val_labels != good)),
                            "val_samples": int(len(val_labels))}
-    if test_raw is not None:
+    if test_scores is not None:
         labels = np.array([s.label for s in splits.test])
-        types = per_type_auroc(test_raw, labels, splits.classes, good)
-        decided = test_raw >= threshold.raw
-        out.update({"test_auroc": _finite(auroc(test_raw, labels != good)), "test_auroc_per_type": types,
+        types = per_type_auroc(test_scores, labels, splits.classes, good)
+        decided = test_scores >= NORMALISED_THRESHOLD
+        out.update({"test_auroc": _finite(auroc(test_scores, labels != good)), "test_auroc_per_type": types,
                     "test_auroc_mean_of_types": round(float(np.mean(list(types.values()))), 6) if types else None,
                     "test_samples": int(len(labels)),
                     "test_decision_accuracy": round(float((decided == (labels != good)).mean()), 6)})

@@ -164,7 +164,8 @@ class PatchCoreScorer(nn.Module):
         f = self.features(x)
         _, c, h, w = f.shape
         p = f.permute(0, 2, 3, 1).reshape(-1, c)
-        d2 = (p * p).sum(1, keepdim=True) - 2.0 * torch.matmul(p, self.bank_t) + self.bank_sq
+        # pow, not p * p: one input edge per node (NNCF cannot place quantizers on a node reading one tensor twice)
+        d2 = p.pow(2).sum(1, keepdim=True) - 2.0 * torch.matmul(p, self.bank_t) + self.bank_sq
         return d2.amin(1).clamp_min(0.0).sqrt().reshape(-1, 1, h, w)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +194,17 @@ def greedy_coreset(patches: torch.Tensor, k: int, *, dims: int, seed: int) -> to
         x = patches @ (torch.randn(patches.shape[1], dims, generator=g) / math.sqrt(dims))
     x = x.contiguous()
     sq = (x * x).sum(1)
+    threads = torch.get_num_threads()
+    # thousands of small memory-bound steps: one thread is faster than several (measured on 2 cores:
+    # 500 picks of 40,000 patches took 0.43 s on one thread, 10.8 s on two with other work running)
+    torch.set_num_threads(1)
+    try:
+        return _greedy(x, sq, k, n, g)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy(x: torch.Tensor, sq: torch.Tensor, k: int, n: int, g: torch.Generator) -> torch.Tensor:
     chosen = torch.empty(k, dtype=torch.long)
     chosen[0] = int(torch.randint(n, (1,), generator=g))
     nearest = (sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]]).clamp_min(0.0)
