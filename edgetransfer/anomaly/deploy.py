@@ -26,27 +26,32 @@ def score_metric(anomalous: np.ndarray) -> Metric:
 
 
 def float_nodes(onnx_path: Path) -> list[str]:
-    """The distance head: every MatMul (the bank distances) and every node after one (min, square
-    root, border crop, the map's resize and smoothing, the score). ‖p‖² − 2·p·Bᵀ + ‖b‖² subtracts
-    large numbers; in INT8 the nearest-patch distance, which is the whole signal, would be rounded
-    away (and NNCF cannot place a quantizer on a graph output at all). The backbone before it is
-    quantized as usual."""
+    """Everything after the backbone: every node no backbone convolution needs. That is the patch
+    head (border cut, neighbourhood averaging, concatenation, centring), the distances to the bank,
+    the minimum, the map and the score. ‖p‖² − 2·p·Bᵀ + ‖b‖² subtracts large numbers: in INT8 the
+    nearest-patch distance, which is the whole signal, would be rounded away; re-rounding the
+    averaged and centred features adds noise right where a score sits near its threshold (and NNCF
+    cannot place a quantizer on a graph output at all). The backbone's convolutions are INT8."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    downstream: set[str] = set()
-    stack = [n for n in graph.node if n.op_type == "MatMul"]
-    while stack:
-        node = stack.pop()
-        if node.name in downstream:
-            continue
-        downstream.add(node.name)
-        stack.extend(c for out in node.output for c in consumers.get(out, []))
-    return [n.name for n in graph.node if n.name in downstream]
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def ancestors(roots: list[onnx.NodeProto]) -> set[str]:
+        seen: set[str] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            stack.extend(producer[i] for i in node.input if i in producer)
+        return seen
+
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    backbone_convs = [n for n in graph.node if n.op_type == "Conv" and n.name in ancestors(matmuls)]
+    needed = ancestors(backbone_convs)
+    return [n.name for n in graph.node if n.name not in needed]
 
 
 __all__ = ["float_nodes", "score_metric"]

@@ -52,7 +52,7 @@ class PatchCoreConfig:
     #: side of the neighbourhood each patch feature is averaged over (PatchCore's local aggregation)
     neighbourhood: int = 3
     #: patches kept in the memory bank (greedy k-center coreset of every good patch)
-    bank_size: int = 4000
+    bank_size: int = 2000
     #: the bank the device holds must fit this (the fit's patch pool is bounded separately)
     max_bank_mb: float = 64.0
     #: the pool of good patches the coreset is chosen from, in memory during the fit
