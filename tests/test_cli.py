@@ -1,12 +1,12 @@
 """The command line's contract: help without heavy imports, listing, exit codes with clear messages,
-and the quick demo end to end (the one slow test here, ~35 s on two cores)."""
+and the quick demo end to end (the one slow test here: every stage and the second act, about a minute on two cores)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -105,7 +105,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # the second act: an anomaly scorer from the good images only, through the same targets
     anomaly = summary["anomaly"]
     assert set(anomaly["per_type"]) == {"crack", "hole", "scratch", "stain"}
-    assert {t["target"] for t in anomaly["targets"]} == {"intel-cpu", "x86-onnxruntime"}
+    assert {t["target"] for t in anomaly["targets"]} == {"intel-cpu"}  # the quick run: the shipped target
     for t in anomaly_rows:
         assert (out / "anomaly" / t["target"] / "parity.json").exists() and 0.0 <= t["auroc"] <= 1.0
     assert Path(anomaly["maps"]).stat().st_size > 0 and "second act" in text
