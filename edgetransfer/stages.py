@@ -130,8 +130,13 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
         from .anomaly.deploy import float_nodes, score_metric
         from .anomaly.fit import good_index
 
-        labels = (labels != good_index(meta.classes, meta.anomaly.get("good", "ok"))).astype(np.int64)
-        task = {"metric": score_metric(labels.astype(bool)), "float_nodes": float_nodes(fp32)}
+        good = good_index(meta.classes, meta.anomaly.get("good", "ok"))
+        labels = (labels != good).astype(np.int64)
+        fitted = {s.path for s in splits.train if s.label == good}  # in the bank: every model agrees there
+        unseen = [s for s in chosen.samples if s.path not in fitted]
+        task = {"metric": score_metric(labels.astype(bool)), "float_nodes": float_nodes(fp32),
+                "agreement_images": load_arrays(unseen, meta.input_spec, description="agreement images")
+                if unseen else []}
         compiler_in_loop = False  # the compiler check compares logits; validate compares the compiled scores
     report = quantize_model(fp32, out / INT8_FILE, scheme=tgt.quantization, preset=preset,
                             calibration=calibration, validation=(np.concatenate(val), labels),

@@ -135,7 +135,8 @@ TOP1 = Metric("accuracy", _top1_accuracy, _same_top1)
 def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
                    calibration: Sequence[np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                    gates: GateSpec | None = None, compiler: CompilerCheck | None = None,
-                   metric: Metric = TOP1, float_nodes: Sequence[str] = ()) -> QuantizationReport:
+                   metric: Metric = TOP1, float_nodes: Sequence[str] = (),
+                   agreement_images: Sequence[np.ndarray] | None = None) -> QuantizationReport:
     """Write the QDQ model to `out` (one .onnx file, atomically) and report how it compares with fp32.
 
     `calibration`: NCHW float32 batches from train/val (never test). `validation`: (images, labels) of
@@ -151,6 +152,9 @@ def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: 
     the labels are whatever `metric.score` reads). `float_nodes`: nodes that stay fp32 in every
     candidate, on fp32 inputs (an anomaly scorer's distances to its bank: a difference of large
     squared norms that INT8 would cancel away); the fallback adds layers to them.
+    `agreement_images`: the batches agreement is measured on besides the validation images (default:
+    the calibration batches; an anomaly scorer passes those it was not fitted on — its bank holds the
+    good training images, on which any model agrees).
 
     Where agreement is measured — the validation images *and* the calibration images: agreement with
     fp32 needs no labels, and the validation split alone is too coarse to judge a 0.99 gate (on 50
@@ -171,7 +175,7 @@ def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: 
 
     with tempfile.TemporaryDirectory(prefix="edgetransfer-quantize-") as tmp, contextlib.ExitStack() as stack:
         ctx = _Context(fp32_onnx, Path(tmp), scheme, preset, calibration, x_val, labels, metric, compiler,
-                       float_nodes=tuple(float_nodes))
+                       float_nodes=tuple(float_nodes), agreement_images=agreement_images)
         candidates: list[dict[str, Any]] = []
         trials: list[tuple[_Trial, Quantizer]] = []
         failures: list[str] = []
@@ -328,7 +332,8 @@ class _Context:
 
     def __init__(self, fp32_onnx: Path, workdir: Path, scheme: Quantization, preset: CalibrationPreset,
                  calibration: Sequence[np.ndarray], x_val: np.ndarray, labels: np.ndarray, metric: Metric,
-                 compiler: CompilerCheck | None = None, float_nodes: tuple[str, ...] = ()):
+                 compiler: CompilerCheck | None = None, float_nodes: tuple[str, ...] = (),
+                 agreement_images: Sequence[np.ndarray] | None = None):
         import onnx
 
         self.fp32_onnx, self.workdir, self.scheme, self.preset = fp32_onnx, workdir, scheme, preset
@@ -336,7 +341,8 @@ class _Context:
         self.calibration, self.x_val, self.labels = calibration, x_val, labels
         self.reference = onnx.load(str(fp32_onnx))
         #: validation images first, then the calibration images not among them
-        self.x_agree: list[np.ndarray] = [x_val, *_unseen(calibration, x_val)]
+        extra = calibration if agreement_images is None else agreement_images
+        self.x_agree: list[np.ndarray] = [x_val, *_unseen(extra, x_val)]
         self.agreement_samples = sum(len(x) for x in self.x_agree)
         self.fp32_agree = onnx_logits(fp32_onnx, self.x_agree)
         self.fp32_logits = self.fp32_agree[:len(x_val)]
