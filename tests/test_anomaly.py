@@ -57,7 +57,7 @@ def test_threshold_best_f1_sits_between_the_groups_and_good_only_uses_the_quanti
     good, bad = np.linspace(0.1, 1.0, 40), np.linspace(2.0, 3.0, 10)
     t = choose_threshold(np.r_[good, bad], np.r_[np.zeros(40, bool), np.ones(10, bool)])
     assert t.method == "best_f1" and t.value == 1.0 and 1.0 < t.raw < 2.0
-    assert t.normalise(np.array([t.raw]))[0] == pytest.approx(0.5)
+    assert t.raw * t.scale == pytest.approx(0.5)
     q = choose_threshold(good, np.zeros(40, bool), good_quantile=0.9)
     assert q.method == "good_quantile" and q.raw == pytest.approx(np.quantile(good, 0.9))
 

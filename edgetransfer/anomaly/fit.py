@@ -26,7 +26,8 @@ from ..data.folder import DatasetSplits, Sample, dataset_hash, scan_dataset
 from ..errors import UsageError
 from ..fsutil import temporary_dir, write_json
 from ..spec import RESIZE_POLICIES, RunMeta
-from .metrics import NORMALISED_THRESHOLD, auroc, choose_threshold
+from ..stages import iter_batches
+from .metrics import NORMALISED_THRESHOLD, auroc, choose_threshold, finite_or_none
 from .patchcore import PatchCoreConfig, PatchCoreScorer, PatchFeatures, greedy_coreset
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,6 @@ def _check_out(data: Path, run: Path) -> None:
         raise UsageError("output exists and is not an empty folder; pick a new --out", path=run)
 
 
-def _batches(samples: list[Sample], spec: Any, batch_size: int, description: str):
-    from ..stages import iter_batches
-
-    return iter_batches(samples, spec, batch_size, description=description)
-
-
 @torch.no_grad()
 def _check_memory(features: PatchFeatures, spec: Any, images: int, config: PatchCoreConfig) -> None:
     """Refuse a bank over `max_bank_mb` or a patch pool over `max_pool_mb` before any image is read."""
@@ -98,7 +93,7 @@ def _check_memory(features: PatchFeatures, spec: Any, images: int, config: Patch
 def _patch_pool(features: PatchFeatures, samples: list[Sample], spec: Any, config: PatchCoreConfig) -> torch.Tensor:
     """Every patch feature of the good training images, (patches, channels)."""
     pool: list[torch.Tensor] = []
-    for x, _ in _batches(samples, spec, config.batch_size, "good-part features"):
+    for x, _ in iter_batches(samples, spec, config.batch_size, description="good-part features"):
         batch = torch.from_numpy(x)
         for view in (batch, torch.rot90(batch, 1, (-2, -1))) if _turns(spec, config) else (batch,):
             f = features(view)
@@ -117,7 +112,7 @@ def _turns(spec: Any, config: PatchCoreConfig) -> bool:
 @torch.no_grad()
 def raw_scores(scorer: PatchCoreScorer, samples: list[Sample], spec: Any, batch_size: int,
                description: str) -> np.ndarray:
-    out = [scorer(torch.from_numpy(x))[0].numpy() for x, _ in _batches(samples, spec, batch_size, description)]
+    out = [scorer(torch.from_numpy(x))[0].numpy() for x, _ in iter_batches(samples, spec, batch_size, description=description)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -180,7 +175,7 @@ def fit_anomaly(data: str | Path, out: str | Path, config: PatchCoreConfig = Pat
         raise UsageError(f"the val split has no '{splits.classes[good]}' images to set the threshold on",
                          path=data, field="val")
     threshold = choose_threshold(val_scores, val_labels != good, good_quantile=config.good_quantile)
-    scorer.scale.fill_(0.5 / threshold.raw)
+    scorer.scale.fill_(threshold.scale)
     fit_seconds = time.perf_counter() - t0
 
     test_scores = raw_scores(scorer, splits.test, spec, config.batch_size, "test scores") if splits.test else None
@@ -194,7 +189,8 @@ def fit_anomaly(data: str | Path, out: str | Path, config: PatchCoreConfig = Pat
     meta = RunMeta(classes=splits.classes, input_spec=spec, backbone=config.backbone, weights=bb.weights,
                    mode="patchcore", task="anomaly", anomaly=record, metrics=metrics, spec_source=bb.spec_source,
                    data={"root": str(data.resolve()), "hash": dataset_hash(splits), "counts": splits.counts(),
-                         "seed": config.seed, "val_fraction": 0.15, "test_fraction": 0.15,
+                         "seed": config.seed, "val_fraction": splits.record["fractions"]["val"],
+                         "test_fraction": splits.record["fractions"]["test"],
                          "skipped": [r["path"] for r in splits.record.get("skipped", [])]},
                    train_config=json_config(config))
     _write_run(run, scorer, meta, splits)
@@ -223,21 +219,22 @@ def _write_run(run: Path, scorer: PatchCoreScorer, meta: RunMeta, splits: Datase
 def _metrics(splits: DatasetSplits, good: int, val_scores: np.ndarray, val_labels: np.ndarray,
              test_scores: np.ndarray | None) -> dict[str, Any]:
     """`test_scores` are normalised (the threshold is 0.5); `val_scores` raw (AUROC does not mind)."""
-    out: dict[str, Any] = {"val_auroc": _finite(auroc(val_scores, val_labels != good)),
+    out: dict[str, Any] = {"val_auroc": _rounded(auroc(val_scores, val_labels != good)),
                            "val_samples": int(len(val_labels))}
     if test_scores is not None:
         labels = np.array([s.label for s in splits.test])
         types = per_type_auroc(test_scores, labels, splits.classes, good)
         decided = test_scores >= NORMALISED_THRESHOLD
-        out.update({"test_auroc": _finite(auroc(test_scores, labels != good)), "test_auroc_per_type": types,
+        out.update({"test_auroc": _rounded(auroc(test_scores, labels != good)), "test_auroc_per_type": types,
                     "test_auroc_mean_of_types": round(float(np.mean(list(types.values()))), 6) if types else None,
                     "test_samples": int(len(labels)),
                     "test_decision_accuracy": round(float((decided == (labels != good)).mean()), 6)})
     return out
 
 
-def _finite(value: float) -> float | None:
-    return None if not np.isfinite(value) else round(float(value), 6)
+def _rounded(value: float) -> float | None:
+    figure = finite_or_none(value)
+    return None if figure is None else round(figure, 6)
 
 
 def json_config(config: PatchCoreConfig) -> dict[str, Any]:

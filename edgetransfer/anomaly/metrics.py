@@ -43,6 +43,11 @@ def auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def finite_or_none(value: float) -> float | None:
+    """A figure for JSON: NaN (AUROC with one kind of part missing) or inf becomes None."""
+    return float(value) if np.isfinite(value) else None
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation of two score vectors (1.0: the same order). NaN for constant input."""
     ra, rb = _ranks(np.asarray(a).reshape(-1)), _ranks(np.asarray(b).reshape(-1))
@@ -62,8 +67,10 @@ class Threshold:
     samples_good: int
     samples_anomalous: int
 
-    def normalise(self, raw_scores: np.ndarray) -> np.ndarray:
-        return np.asarray(raw_scores, dtype=np.float64) * (NORMALISED_THRESHOLD / self.raw)
+    @property
+    def scale(self) -> float:
+        """What raw scores are multiplied by so that this threshold reads `NORMALISED_THRESHOLD`."""
+        return NORMALISED_THRESHOLD / self.raw
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "normalised": NORMALISED_THRESHOLD}
@@ -103,4 +110,4 @@ def choose_threshold(scores: np.ndarray, anomalous: np.ndarray, *, good_quantile
                      samples_good=good, samples_anomalous=bad)
 
 
-__all__ = ["NORMALISED_THRESHOLD", "Threshold", "auroc", "choose_threshold", "spearman"]
+__all__ = ["NORMALISED_THRESHOLD", "Threshold", "auroc", "choose_threshold", "finite_or_none", "spearman"]

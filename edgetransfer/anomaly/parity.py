@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..parity import Gates, ParityReport, Side
-from .metrics import NORMALISED_THRESHOLD, auroc, spearman
+from .metrics import NORMALISED_THRESHOLD, auroc, finite_or_none, spearman
 
 
 @dataclass
@@ -61,10 +61,6 @@ class ScorePairReport:
         return d
 
 
-def _none_if_nan(v: float) -> float | None:
-    return None if not np.isfinite(v) else float(v)
-
-
 def compare_scores(pair: str, reference: Side, candidate: Side, ref: np.ndarray, cand: np.ndarray,
                    anomalous: np.ndarray | None, gates: Gates) -> ScorePairReport:
     """Measure how far `candidate`'s scores are from `reference`'s and check the gates."""
@@ -74,7 +70,7 @@ def compare_scores(pair: str, reference: Side, candidate: Side, ref: np.ndarray,
     finite = bool(np.all(np.isfinite(cand)))
     ref_auc = cand_auc = drop = None
     if anomalous is not None:
-        ref_auc, cand_auc = _none_if_nan(auroc(ref, anomalous)), _none_if_nan(auroc(cand, anomalous))
+        ref_auc, cand_auc = finite_or_none(auroc(ref, anomalous)), finite_or_none(auroc(cand, anomalous))
         if ref_auc is not None and cand_auc is not None:
             drop = (ref_auc - cand_auc) * 100.0
     diff = np.abs(ref - cand) / NORMALISED_THRESHOLD
@@ -82,7 +78,7 @@ def compare_scores(pair: str, reference: Side, candidate: Side, ref: np.ndarray,
         pair=pair, reference=reference, candidate=candidate, samples=int(len(ref)), reference_auroc=ref_auc,
         candidate_auroc=cand_auc, auroc_drop=drop,
         decision_agreement=float(((ref >= NORMALISED_THRESHOLD) == (cand >= NORMALISED_THRESHOLD)).mean()),
-        score_spearman=_none_if_nan(spearman(ref, cand)) if finite else None,
+        score_spearman=finite_or_none(spearman(ref, cand)) if finite else None,
         max_abs_diff_rel=float(diff.max()) if len(diff) else 0.0,
         mean_abs_diff_rel=float(diff.mean()) if len(diff) else 0.0, gates=gates)
     if not finite:

@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..fsutil import write_json, write_text
 from ..parity import FP32_GATES, Gates
 from ..spec import RunMeta
@@ -17,7 +15,7 @@ from ..stages import target_dir
 from ..targets import Target
 from ..validate import Measured, batch_tolerance, pair_keys, report_context
 from .fit import good_index, per_type_auroc
-from .metrics import NORMALISED_THRESHOLD, auroc
+from .metrics import NORMALISED_THRESHOLD, auroc, finite_or_none
 from .parity import ScoreParityReport, compare_scores
 
 log = logging.getLogger(__name__)
@@ -62,7 +60,7 @@ def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, sour
              for name, value in per_type_auroc(ref, m.labels, meta.classes, good).items()}
     summary: dict[str, Any] = {
         "precision": deployed.runner.precision, "task": "anomaly", "good": meta.classes[good],
-        "fp32_auroc": _finite(auroc(ref, anomalous)), "auroc": _finite(auroc(dep, anomalous)),
+        "fp32_auroc": finite_or_none(auroc(ref, anomalous)), "auroc": finite_or_none(auroc(dep, anomalous)),
         "decision_agreement": float(((ref >= NORMALISED_THRESHOLD) == (dep >= NORMALISED_THRESHOLD)).mean()),
         "decision_accuracy": float(((dep >= NORMALISED_THRESHOLD) == anomalous).mean()),
         "auroc_per_type": types, "threshold": meta.anomaly.get("threshold")}
@@ -82,10 +80,6 @@ def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, sour
     score_histograms({m.sides[k].runner.description + f" ({m.sides[k].runner.precision})": v
                       for k, v in scores.items()}, anomalous, out / "parity.png")
     return report
-
-
-def _finite(v: float) -> float | None:
-    return float(v) if np.isfinite(v) else None
 
 
 __all__ = ["score_report"]
