@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -270,7 +271,8 @@ def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path):
 # ---- row 16: an archive that holds more than its manifest declares ----------------------------------------
 
 @pytest.mark.parametrize("extra", ["unlisted", "larger"])
-def test_an_archive_holding_more_than_its_manifest_declares_is_refused_before_extraction(bundles, tmp_path, extra):
+def test_an_archive_holding_more_than_its_manifest_declares_is_refused_before_extraction(bundles, tmp_path, extra,
+                                                                                        monkeypatch):
     source = bundles["x86-onnxruntime.tar.gz"]
     archive = tmp_path / "grown.tar.gz"
     big = bytes(64 << 20)  # 64 MiB of zeros: well under 1 MB compressed
@@ -286,9 +288,13 @@ def test_an_archive_holding_more_than_its_manifest_declares_is_refused_before_ex
             info.size = len(big)
             dst.addfile(info, io.BytesIO(big))
     assert archive.stat().st_size < source.stat().st_size + (1 << 20)  # the 64 MiB compress to ~64 KiB
-    before = sorted(p.name for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir())
+    # a temporary folder of this test's own (the shared /tmp changes under other jobs), and the archive's
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    before = sorted(p.name for p in tmp_path.iterdir())
     result = cli("verify", archive, "--allow-failed")
     assert result.exit_code == 4, result.output
     assert ("is not listed in the bundle's manifest.json" if extra == "unlisted" else "the manifest declares") \
         in result.output
-    assert sorted(p.name for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir()) == before  # nothing left behind
+    assert not list(private.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
