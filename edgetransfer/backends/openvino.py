@@ -264,16 +264,19 @@ class OpenVinoRunner(Runner):
         self.compiled = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return next(iter(self.infer_outputs(batch).values()))
+        return next(iter(self._infer(batch, every=False).values()))  # copies the first output only
 
     def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self._infer(batch, every=True)
+
+    def _infer(self, batch: np.ndarray, *, every: bool) -> dict[str, np.ndarray]:
         if self.request is None:
             raise RuntimeError("OpenVinoRunner is not active: call infer inside `with backend.load(...) as runner:`")
         x = np.ascontiguousarray(batch, dtype=self.input_dtype)
         n = x.shape[0]
         lo, hi = self.batch_range
         if n >= lo and (hi is None or n <= hi):
-            return self._run(x)
+            return self._run(x, every)
         # outside the compiled range (a static NPU batch, or more than max): chunks of the largest
         # batch it takes, the last one padded with zeros up to the smallest
         step = hi if hi is not None else n
@@ -283,13 +286,14 @@ class OpenVinoRunner(Runner):
             k = chunk.shape[0]
             if k < lo:
                 chunk = np.concatenate([chunk, np.zeros((lo - k, *chunk.shape[1:]), dtype=chunk.dtype)])
-            outs.append({name: v[:k] for name, v in self._run(chunk).items()})
+            outs.append({name: v[:k] for name, v in self._run(chunk, every).items()})
         return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray, every: bool) -> dict[str, np.ndarray]:
         result = self.request.infer({0: x})
+        ports = self.compiled.outputs if every else self.compiled.outputs[:1]
         return {_output_name(port, i): np.array(result[port], dtype=np.float32, copy=True)
-                for i, port in enumerate(self.compiled.outputs)}
+                for i, port in enumerate(ports)}
 
 
 class OpenVinoBackend(Backend):

@@ -64,9 +64,13 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return next(iter(self.infer_outputs(batch).values()))
+        return next(iter(self._execute(batch).values())).cpu().numpy()  # only the first comes to the host
 
     def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: y.cpu().numpy() for name, y in self._execute(batch).items()}
+
+    def _execute(self, batch: np.ndarray) -> dict[str, Any]:
+        """Every output tensor on the GPU, after the engine ran on `batch`."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
@@ -80,7 +84,7 @@ class TensorRTRunner(Runner):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()
-        return {name: y.cpu().numpy() for name, y in ys.items()}
+        return ys
 
 
 class TensorRTBackend(Backend):
