@@ -14,8 +14,9 @@
    split, which `select` never reads.
 4. Kendall's tau-b between predicted and actual test accuracy (and between LogME and actual).
 
-Prints a table and writes WORK/select_tau.json (or --out). Takes 15–40 minutes on 2 CPU cores,
-almost all of it fine-tuning.
+Prints a table and writes WORK/select_tau.json (or --out). Almost all of its time is fine-tuning:
+66 minutes for the nine default pairs on a 2-core VM shared with other jobs (README, "Choosing a
+backbone", has the result).
 """
 
 from __future__ import annotations

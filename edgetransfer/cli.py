@@ -698,6 +698,7 @@ def select_cmd(data: Path, target: str, candidates: list[str], sizes: list[int],
              c.latency_note or ""] for c in (result.candidates[i] for i in ranked(result.candidates))])
     for s in result.skipped:
         click.secho(f"skipped {s.backbone}: {s.reason}", fg="yellow", err=True)
+    _print_warnings(result.warnings)
     if rec is not None:
         click.echo(f"recommended: {result.recommendation.message}")
         click.echo(f"train it:\n  {result.train_command}")

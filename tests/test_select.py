@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from edgetransfer.cli import main
 from edgetransfer.select.core import Candidate, weights_here
-from edgetransfer.select.ranking import recommend
+from edgetransfer.select.ranking import latency_warning, recommend
 from edgetransfer.select.transferability import (fit_logistic, kendall_tau_b, linear_probe_cv, logme, pareto_front,
                                                  stratified_folds)
 
@@ -159,6 +159,15 @@ def test_unmeasured_latency_ranks_by_accuracy_and_cannot_check_a_budget():
     assert table[recommend(table, None, target="jetson").index].backbone == "net2"
     rec = recommend(table, 5.0, target="jetson")
     assert rec.index is None and rec.status == "unmeasured" and "cannot be checked here" in rec.message
+
+
+def test_latency_measured_on_a_busy_machine_is_flagged():
+    table = _table([(0.70, 0.02, 1.0), (0.80, 0.02, 2.0)])
+    table[0].latency_p90_ms, table[1].latency_p90_ms = 1.2, 2.5
+    assert latency_warning(table) is None
+    table[1].latency_p90_ms = 4.0
+    warning = latency_warning(table)
+    assert "1 of 2 candidates" in warning and "net1" in warning and "idle machine" in warning
 
 
 # -- inputs ------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import DependencyError, GateFailed, UsageError
 from ..fsutil import atomic_open, write_json, write_text
-from .ranking import Recommendation, recommend
+from .ranking import Recommendation, latency_warning, recommend
 from .transferability import linear_probe_cv, logme, pareto_front
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class SelectResult:
     latency_budget_ms: float | None
     seconds: float
     machine: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
     ranks_by: str = "linear-probe accuracy (5-fold stratified CV on the train + val images, frozen features)"
 
     @property
@@ -129,6 +130,7 @@ class SelectResult:
                 "recommendation": {**asdict(self.recommendation),
                                    "candidate": None if self.recommended is None else self.recommended.label},
                 "train_command": self.train_command, "seconds": round(self.seconds, 1), "machine": self.machine,
+                "warnings": self.warnings,
                 "method": METHOD}
 
 
@@ -501,7 +503,8 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
     rec = recommend(scored, latency_budget_ms, target=tgt.name)
     result = SelectResult(out=out, data=str(data), target=tgt.name, backend=tgt.backend, candidates=scored,
                           skipped=skipped, recommendation=rec, train_command=None,
-                          latency_budget_ms=latency_budget_ms, seconds=0.0, machine=_machine())
+                          latency_budget_ms=latency_budget_ms, seconds=0.0, machine=_machine(),
+                          warnings=[w for w in (latency_warning(scored),) if w])
     if result.recommended is not None:
         result.train_command = train_command(data, out, result.recommended)
     result.seconds = time.perf_counter() - started

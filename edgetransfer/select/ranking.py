@@ -74,6 +74,23 @@ def recommend(candidates: list[Any], budget_ms: float | None, *, target: str) ->
     return Recommendation(pick, "recommended", message)
 
 
+#: p90 / p50 of a latency above this: the timing shared the CPU with something else
+NOISY_RATIO = 1.5
+
+
+def latency_warning(candidates: list[Any]) -> str | None:
+    """A warning when the latencies were measured on a busy machine (p90 above 1.5 × p50 for some)."""
+    timed = [c for c in candidates if c.latency_ms is not None and c.latency_p90_ms is not None]
+    noisy = [c for c in timed if c.latency_p90_ms > NOISY_RATIO * c.latency_ms]
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda c: c.latency_p90_ms / c.latency_ms)
+    return (f"latency was measured on a busy machine: p90 is above {NOISY_RATIO:g}x p50 for {len(noisy)} of "
+            f"{len(timed)} candidates (worst {worst.label}: {worst.latency_ms:.2f} ms p50, {worst.latency_p90_ms:.2f} "
+            "ms p90), so close latencies may rank in the wrong order; run the same command again on an idle "
+            "machine (same --out: it only times the compiled candidates again)")
+
+
 def ranked(candidates: list[Any]) -> list[int]:
     """Candidate indices by predicted accuracy (best first), faster first on a tie."""
     return sorted(range(len(candidates)), key=lambda i: (
@@ -109,6 +126,7 @@ def markdown(result: Any) -> str:
                      + ("" if budget is None else ("—" if c.within_budget is None else
                                                    "yes" if c.within_budget else "no") + " | ")
                      + f"{note} |")
+    lines += [f"\n**Warning:** {w}." for w in result.warnings]
     lines += ["", f"**Recommendation:** {result.recommendation.message}." if rec is not None else
               f"**No recommendation:** {result.recommendation.message}."]
     if result.train_command:
