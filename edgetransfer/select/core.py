@@ -411,7 +411,7 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
     from ..bench import _machine
     from ..data.folder import dataset_hash, scan_dataset
     from ..adapt.train import TrainConfig
-    from ..spec import RESIZE_POLICIES, RunMeta
+    from ..spec import RESIZE_POLICIES, InputSpec, RunMeta
     from ..stages import as_target
 
     started = time.perf_counter()
@@ -474,8 +474,6 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
                  "the quantization stage's accuracy figures for it mean nothing)", i, len(pairs), cand.label,
                  cand.predicted_accuracy, cand.standard_error, cand.logme, tgt.name)
         t2 = time.perf_counter()
-        from ..spec import InputSpec
-
         meta = RunMeta(classes=splits.classes, input_spec=InputSpec.from_dict(info["input_spec"]), backbone=name,
                        weights=info["weights"], mode="features", spec_source=info["spec_source"],
                        data={"root": str(splits.root), "hash": data_hash, "seed": base.seed,
