@@ -14,7 +14,7 @@ RUNTIME_STAMP := $(RUNTIME_VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 install-runtime: $(RUNTIME_STAMP)
 
-$(RUNTIME_STAMP): pyproject.toml Makefile
+$(RUNTIME_STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/python -m pip install --quiet -e ".[$(RUNTIME_EXTRA)]"
 	touch $(RUNTIME_STAMP)

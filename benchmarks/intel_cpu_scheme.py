@@ -41,7 +41,7 @@ os.environ.setdefault("EDGETRANSFER_PROGRESS", "0")
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-import edgetransfer.quantize as quantize  # noqa: E402
+import edgetransfer.quantize.quantizers as quantizers  # noqa: E402
 from edgetransfer.backends import get_backend  # noqa: E402
 from edgetransfer.bench import measure  # noqa: E402
 from edgetransfer.data.calibration import select_calibration  # noqa: E402
@@ -55,12 +55,12 @@ from edgetransfer.validate import held_out_samples  # noqa: E402
 @contextmanager
 def float_biases_as_written():
     """Row 2 only: leave the quantizer's float biases where it put them."""
-    snap = quantize._snap_biases
-    quantize._snap_biases = lambda model: None
+    snap = quantizers.snap_biases  # what Quantizer.quantize calls after every tool
+    quantizers.snap_biases = lambda model: None
     try:
         yield
     finally:
-        quantize._snap_biases = snap
+        quantizers.snap_biases = snap
 
 
 def ort_logits(path: Path, x: np.ndarray, *, optimized: bool) -> np.ndarray:
@@ -118,7 +118,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgetransfer-scheme-") as tmp:
         for i, (name, scheme, as_written) in enumerate(rows):
             qdq = Path(tmp) / f"{i}.onnx"
-            with quantize.QUANTIZERS[scheme.quantizer]() as quantizer:
+            with quantizers.QUANTIZERS[scheme.quantizer]() as quantizer:
                 if as_written:
                     with float_biases_as_written():
                         quantizer.quantize(args.run / ONNX_FILE, qdq, scheme=scheme, preset=preset,

@@ -15,6 +15,8 @@ _API = {
     "train": "edgetransfer.adapt.train",
     "TrainConfig": "edgetransfer.adapt.train",
     "TrainResult": "edgetransfer.adapt.train",
+    "fit_anomaly": "edgetransfer.anomaly.fit",
+    "PatchCoreConfig": "edgetransfer.anomaly.patchcore",
     "export_onnx": "edgetransfer.export",
     "validate": "edgetransfer.validate",
     "run_demo": "edgetransfer.demo",

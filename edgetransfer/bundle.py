@@ -32,10 +32,11 @@ import numpy as np
 
 from .backends.base import KIT_FILE
 from .bundleformat import (GOLDEN_DIR, KIND, MANIFEST, MODEL_DIR, SCHEMA, VerifyResult, bundle_folder, check_files,
-                           extract_archive, manifest_bytes, read_manifest, run_batches, unsafe_name, verify_bundle)
+                           compare_golden, extract_archive, manifest_bytes, read_manifest, run_batches, unsafe_name,
+                           verify_bundle)
 from .errors import EdgeTransferError, GateFailed, IntegrityError, UsageError
 from .fsutil import atomic_path, sha256_file, temporary_dir
-from .parity import Side, compare
+from .parity import Side
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +225,9 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
                 if hashes[name] != compiled_files.get(rel):
                     raise IntegrityError("changed while it was being bundled; compile and validate again",
                                          path=tdir / rel)
-        golden_check = compare("golden set: compiled artifact vs its ONNX at bundle time",
-                               Side(reference_from, tgt.precision), Side(expected_from, ran_as or tgt.precision),
-                               reference, expected, None, tgt.gates.compiler.gates())
+        golden_check = compare_golden(meta.task, "golden set: compiled artifact vs its ONNX at bundle time",
+                                      Side(reference_from, tgt.precision), Side(expected_from, ran_as or tgt.precision),
+                                      reference, expected, None, tgt.gates.compiler.gates())
         if golden_check.failures and not allow_failed:
             raise GateFailed("the golden set misses the compiler gates at bundle time ("
                              + "; ".join(golden_check.failures) + "): the artifact does not answer like the model "
@@ -239,6 +240,9 @@ def write_bundle(run: str | Path, target: Any, out: str | Path, *, data: str | P
             "schema": SCHEMA, "kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
             "target": to_dict(tgt), "backend": tgt.backend, "precision": tgt.precision, "ran_as": ran_as,
             "artifact": artifact_info, "classes": list(meta.classes), "input_spec": spec.to_dict(),
+            "task": meta.task,
+            **({"anomaly": {"good": meta.anomaly.get("good"), "threshold": meta.anomaly.get("threshold"),
+                            "outputs": ["score", "anomaly_map"]}} if meta.task == "anomaly" else {}),
             "files": {n: {"sha256": hashes[n], "bytes": (tmp / n).stat().st_size} for n in sorted(names)},
             "toolchain": _versions("edgetransfer", "numpy", "pillow", "onnxruntime", "openvino", "nncf", "onnx",
                                    "torch", "torchvision", "tensorrt"),

@@ -385,6 +385,17 @@ def verify_bundle(path: str | Path, *, expect: str | None = None, hashes_only: b
         return result
 
 
+def compare_golden(task: str, pair: str, reference: Side, candidate: Side, ref: np.ndarray, got: np.ndarray,
+                   labels: np.ndarray | None, gates: Any) -> Any:
+    """The golden-set comparison: logits for a classifier, scores (`anomaly.parity`, numpy only) for an
+    anomaly scorer; both reports have `passed`, `failures` and `agreement`."""
+    if task == "anomaly":
+        from .anomaly.parity import compare_scores
+
+        return compare_scores(pair, reference, candidate, ref, got, None, gates)
+    return compare(pair, reference, candidate, ref, got, labels, gates)
+
+
 def _check_golden(folder: Path, manifest: dict[str, Any]) -> PairReport:
     from .backends import get_backend
 
@@ -403,6 +414,6 @@ def _check_golden(folder: Path, manifest: dict[str, Any]) -> PairReport:
         got = run_batches(runner, x, int(golden["batch"]))
         here = Side(f"{runner.description} on this device", ran_precision(runner, manifest))
     gates = target.gates.compiler.gates()
-    return compare("golden set: bundle time vs this device", Side(golden["expected_from"], manifest.get("ran_as") or
-                                                                   manifest["precision"]),
-                   here, expected, got, labels, gates)
+    return compare_golden(manifest.get("task", "classification"), "golden set: bundle time vs this device",
+                          Side(golden["expected_from"], manifest.get("ran_as") or manifest["precision"]),
+                          here, expected, got, labels, gates)

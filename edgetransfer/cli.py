@@ -159,9 +159,10 @@ def main(verbose: bool) -> None:
 @click.option("--backbone-lr-mult", type=float, default=None, help="Backbone lr = lr x this (default 0.1 pretrained, 1 scratch).")
 @click.option("--unfreeze-stages", type=click.IntRange(min=1), default=2, show_default=True, help="For --mode partial.")
 @click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True, help="Early stopping, in epochs.")
-@click.option("--resize", type=click.Choice(["letterbox", "stretch", "crop"]), default="letterbox", show_default=True,
+@click.option("--resize", type=click.Choice(["letterbox", "stretch", "crop"]), default=None,
               help="Input geometry for training and deployment: letterbox keeps the whole image and its aspect, "
-                   "stretch keeps the whole image, crop (the ImageNet rule) cuts off the borders.")
+                   "stretch keeps the whole image, crop (the ImageNet rule) cuts off the borders. Default: "
+                   "letterbox; crop for --task anomaly (what its figures were measured with).")
 @click.option("--augment", type=click.Choice(["surface", "natural", "none"]), default="surface", show_default=True,
               help="surface: flips, 90° turns, light brightness/contrast (label-preserving for inspection); "
                    "natural: random crops, flips, colour jitter (photos of objects).")
@@ -187,16 +188,29 @@ def main(verbose: bool) -> None:
               default=0.0, help="Skip unreadable images instead of stopping, up to this fraction (flag alone: "
                                 "0.05); they are listed in RUN/split.json.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--task", type=click.Choice(["classification", "anomaly"]), default="classification", show_default=True,
+              help="anomaly: fit a PatchCore scorer on the good class only (no defect labels needed).")
+@click.option("--good", default="ok", show_default=True,
+              help="--task anomaly: the good class (DATA/train/<good>/; 'ok' also finds 'good').")
+@click.option("--bank-size", type=click.IntRange(min=1), default=None,
+              help="--task anomaly: patches in the memory bank (default 2000).")
+@click.option("--max-bank-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--task anomaly: refuse a bank larger than this (default 64).")
 @click.pass_context
 def train(ctx: click.Context, data: Path, out: Path, resume: bool, nproc: int | None, compile_model: bool,
-          **options: Any) -> None:
+          task: str, good: str, bank_size: int | None, max_bank_mb: float | None, **options: Any) -> None:
     """Adapt a backbone to the ImageFolder tree DATA (DATA/train/<class>/..., optional val/ and test/).
 
     Several GPUs or machines: `--nproc N` here, or `torchrun ... -m edgetransfer train ...` (README).
+    `--task anomaly` fits on DATA/train/<good>/ only; val/ and test/ may hold defect classes.
     """
     from .adapt.distributed import env_rank
     from .adapt.train import TrainConfig, train as run_train
 
+    if task == "anomaly":
+        _train_anomaly(data, out, good=good, bank_size=bank_size, max_bank_mb=max_bank_mb, options=options)
+        return
+    options["resize"] = options["resize"] or "letterbox"
     options["num_workers"] = options.pop("workers")
     config = TrainConfig(**options, compile=compile_model)
     if nproc is not None:
@@ -212,6 +226,28 @@ def train(ctx: click.Context, data: Path, out: Path, resume: bool, nproc: int | 
         ["test images", m.get("test_samples")], *_baseline_rows(m.get("baselines"))])
     if (b := m.get("baselines")) and b.get("warning"):
         click.secho(f"WARNING: {b['warning']}", fg="red", bold=True, err=True)
+
+
+def _train_anomaly(data: Path, out: Path, *, good: str, bank_size: int | None, max_bank_mb: float | None,
+                   options: dict[str, Any]) -> None:
+    from .anomaly.fit import fit_anomaly
+    from .anomaly.patchcore import PatchCoreConfig
+
+    chosen = {"backbone": options["backbone"], "weights": options["weights"], "img_size": options["img_size"],
+              "batch_size": options["batch_size"], "seed": options["seed"], "good": good,
+              **({"resize": options["resize"]} if options["resize"] else {}),
+              **({"bank_size": bank_size} if bank_size is not None else {}),
+              **({"max_bank_mb": max_bank_mb} if max_bank_mb is not None else {})}
+    result = fit_anomaly(data, out, PatchCoreConfig(**chosen))
+    m, record = result.meta.metrics, result.meta.anomaly
+    threshold = record["threshold"]
+    rows = [["good class", record["good"]], ["bank", f"{record['bank']['patches']} × {record['bank']['dims']} "
+                                                      f"({record['bank']['bytes'] / 2**20:.2f} MB)"],
+            ["threshold", f"{threshold['raw']:.4g} raw = 0.5 ({threshold['method']}, {threshold['value']:g})"],
+            ["fit", f"{m['fit_seconds']:.1f} s"], ["val AUROC", _fmt(m.get("val_auroc"))],
+            ["test AUROC (all defects)", _fmt(m.get("test_auroc"))]]
+    rows += [[f"test AUROC: {name}", f"{value:.4f}"] for name, value in (m.get("test_auroc_per_type") or {}).items()]
+    _table(f"anomaly scorer on {result.meta.backbone} → {out}", ["metric", "value"], rows)
 
 
 def _baseline_rows(b: dict[str, Any] | None) -> list[list[Any]]:
@@ -302,6 +338,14 @@ def _print_warnings(warnings: list[str]) -> None:
 
 
 def _print_parity(report: Any) -> None:
+    if report.summary.get("task") == "anomaly":
+        rows = [[p.pair, p.samples, "—" if p.candidate_auroc is None else f"{p.reference_auroc:.4f} / {p.candidate_auroc:.4f}",
+                 f"{p.decision_agreement:.4f}", "—" if p.score_spearman is None else f"{p.score_spearman:.5f}",
+                 f"{p.max_abs_diff_rel:.2e}", "pass" if p.passed else "FAIL: " + "; ".join(p.failures)]
+                for p in report.pairs]
+        _table("parity (anomaly scores, threshold 0.5)", ["pair", "samples", "AUROC ref / cand", "decision agreement",
+                                                          "Spearman", "max |Δ|/thr", "gate"], rows)
+        return
     rows = []
     for p in report.pairs:
         acc = "—" if p.candidate_accuracy is None else f"{p.reference_accuracy:.4f} / {p.candidate_accuracy:.4f}"
@@ -364,15 +408,15 @@ def quantize(run: Path, target: str, calib: str | None, quantizer: str | None,
     rows = [[c["quantizer"], _fmt(c.get("val_accuracy")), _fmt(c.get("agreement")),
              *([_fmt(c.get("compiler_agreement")), _fmt(c.get("compiler_min_cosine"))] if compiled else []),
              c.get("error", "")] for c in r.candidates]
-    _table(f"quantizers tried (fp32 validation accuracy {r.fp32_val_accuracy:.4f})",
-           ["quantizer", "INT8 val accuracy", "agreement",
+    _table(f"quantizers tried (fp32 validation {r.metric} {r.fp32_val_accuracy:.4f})",
+           ["quantizer", f"INT8 val {r.metric}", "agreement",
             *(["compiled agreement", "compiled min cosine"] if compiled else []), "note"], rows)
     gate = "" if r.min_agreement is None else f" and agreement >= {r.min_agreement}"
     if compiled:
         gate += f" and {r.compiler['compiler']} fidelity"
     if r.fallback:
         _table(f"kept in fp32 to meet the {r.budget} point budget{gate}",
-               ["layer", "op", "val accuracy after", "drop after (pts)", "saved (pts)", "agreement after",
+               ["layer", "op", f"val {r.metric} after", "drop after (pts)", "saved (pts)", "agreement after",
                 *(["compiled min cosine after"] if compiled else [])],
                [[f["layer"], f["op_type"], _fmt(f["val_accuracy_after"]), f"{f['drop_after']:.2f}",
                  f"{f['saved_points']:.2f}", _fmt(f.get("agreement_after")),
@@ -629,8 +673,21 @@ def demo(out: Path, quick: bool) -> None:
                [[p["image"], p["class"], f"{p['score']:.3f}", f"{p['latency_ms']:.2f} ms"] for p in b["predictions"]])
     if result["not_shipped"]:
         click.secho(f"not shipped: {result['not_shipped']}", fg="yellow")
-    click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}  ({result['seconds']:.0f} s)")
-    if not result["parity"].passed or not all(t["passed"] for t in result["targets"] if t["passed"] is not None) \
+    a = result["anomaly"]
+    _table(f"second act: defects from good parts only ({a['good_images']} good images, no defect labels; fit "
+           f"{a['fit_seconds']:.1f} s; bank {a['bank']['patches']} × {a['bank']['dims']})",
+           ["defect type", "test AUROC (torch fp32)"],
+           [[name, f"{value:.4f}"] for name, value in (a["per_type"] or {}).items()]
+           + ([["mean of types", f"{a['mean_of_types']:.4f}"]] if a.get("mean_of_types") is not None else []))
+    _table("anomaly scorer deployed (parity judged by scores)",
+           ["target", "AUROC fp32 → deployed", "decision agreement", "latency b1 p50", "gates"],
+           [[t["target"], f"{t['fp32_auroc']:.4f} → {t['auroc']:.4f}", f"{t['decision_agreement']:.4f}",
+             f"{t['latency_ms']:.2f} ms", "pass" if t["passed"] else "FAIL"]
+            for t in a["targets"] if t["passed"] is not None])
+    click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}, {a['maps'] or a['run']}  "
+               f"({result['seconds']:.0f} s)")
+    deployed = [t for t in (*result["targets"], *a["targets"]) if t["passed"] is not None]
+    if not result["parity"].passed or not all(t["passed"] for t in deployed) \
             or (b is not None and not b["verify_passed"]) or b is None:
         sys.exit(1)
 

@@ -8,6 +8,10 @@ recipe — the comparison that shows what the pretrained features are worth (and
 transfer). The better adapted model is exported, quantized to INT8 for two CPU targets, validated
 against every gate, bundled, verified and run through the torch-free device runtime.
 
+The second act needs no defect labels at all: an anomaly scorer (PatchCore on the same ImageNet
+backbone) is fitted on the good surfaces of the same training split only, judged by AUROC per defect
+type on the same test images, and taken to INT8 on the same targets with parity judged by scores.
+
 Each stage is reused when its run already finished with the same settings and resumed when it was
 interrupted, so re-running the demo is cheap and never clobbers anything it did not make.
 """
@@ -15,6 +19,7 @@ interrupted, so re-running the demo is cheap and never clobbers anything it did 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +30,7 @@ from .data.synthetic import SyntheticConfig, generate_dataset
 from .export import export_onnx
 from .fsutil import write_json, write_text
 from .pipeline import deploy_target, train_or_reuse
+from .spec import RunMeta
 from .validate import failing_reports, validate
 
 log = logging.getLogger(__name__)
@@ -110,13 +116,64 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
         {"name": "from scratch", "pretraining": "none", "run": str(scratch.run),
          "labelled_per_class": labelled, **_metrics(scratch)},
     ]
+    log.info("[5/5] second act: defects from good parts only (anomaly scorer, no defect labels)")
+    anomaly = _anomaly_act(data, out / "anomaly", cfg)
     seconds = time.perf_counter() - t0
     summary = {"config": asdict(cfg), "models": models, "exported": str(adapted.run), "onnx": str(onnx_path),
                "parity_passed": report.passed, "targets": deployed, "bundle": shipped, "not_shipped": not_shipped,
+               "anomaly": anomaly,
                "failing_reports": [str(r) for r in failing_reports(out)], "seconds": round(seconds, 1)}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", _summary_markdown(summary))
     return {**summary, "parity": report, "report": str(adapted.run / "parity.md")}
+
+
+def _anomaly_act(data: Path, run: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """Fit the anomaly scorer on train/ok only, export it, deploy it to every target, draw its maps."""
+    from .anomaly.fit import fit_anomaly, json_config
+    from .anomaly.patchcore import PatchCoreConfig
+
+    config = PatchCoreConfig(backbone=cfg.backbone, weights=cfg.weights, img_size=cfg.img_size, seed=cfg.seed)
+    if cfg.is_quick:  # tiny images: a map of 2×2 inner cells, a small bank
+        config = replace(config, img_size=64, bank_size=50, rot90=False)
+    meta_file = run / "meta.json"
+    if meta_file.exists() and RunMeta.load(meta_file).anomaly.get("config") == json_config(config):
+        log.info("reusing %s (fitted with the same settings)", run)
+        meta = RunMeta.load(meta_file)
+    else:
+        if run.exists():
+            shutil.rmtree(run)  # only ever the demo's own folder, fitted with other settings
+        meta = fit_anomaly(data, run, config).meta
+    export_onnx(run)
+    # the smoke run deploys the scorer to the shipped target only: the path is what it checks
+    rows = [deploy_target(run, t, calib=cfg.calibration) for t in ((cfg.ship,) if cfg.is_quick else cfg.targets)]
+    maps = _anomaly_maps(run, data / "test", run / "anomaly_maps.png")
+    m, record = meta.metrics, meta.anomaly
+    return {"run": str(run), "good_images": meta.data["counts"]["train"].get(record["good"]),
+            "fit_seconds": m["fit_seconds"], "bank": record["bank"], "threshold": record["threshold"],
+            "test_auroc": m.get("test_auroc"), "per_type": m.get("test_auroc_per_type"),
+            "mean_of_types": m.get("test_auroc_mean_of_types"), "targets": rows,
+            "maps": None if maps is None else str(maps)}
+
+
+def _anomaly_maps(run: Path, images: Path, path: Path) -> Path | None:
+    """The first test image of every class with the fp32 scorer's map over it (0.5 = the threshold)."""
+    import numpy as np
+    import torch
+
+    from .anomaly.fit import load_scorer
+    from .anomaly.plots import map_overlays
+    from .preprocess import load_image, preprocess
+
+    scorer, meta = load_scorer(run), RunMeta.load(run / "meta.json")
+    chosen = [min(d.glob("*.png")) for d in sorted(images.iterdir()) if d.is_dir() and any(d.glob("*.png"))]
+    x = np.stack([preprocess(load_image(p), meta.input_spec) for p in chosen])
+    with torch.no_grad():
+        scores, heat = scorer(torch.from_numpy(x))
+    mean, std = np.array(meta.input_spec.mean)[:, None, None], np.array(meta.input_spec.std)[:, None, None]
+    pictures = [np.clip((xi * std + mean).transpose(1, 2, 0), 0, 1) for xi in x]
+    titles = [f"{p.parent.name}: score {s:.2f}" + (" DEFECT" if s >= 0.5 else "") for p, s in zip(chosen, scores.tolist())]
+    return map_overlays(pictures, [h.numpy() for h in heat], titles, path)
 
 
 def _metrics(result: Any) -> dict[str, Any]:
@@ -177,6 +234,22 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {p['image']} | {p['class']} | {p['score']:.3f} |" for p in b["predictions"]]
     if summary.get("not_shipped"):
         lines += ["", f"Not shipped: {summary['not_shipped']}"]
+    if (a := summary.get("anomaly")) is not None:
+        lines += ["", "## Second act: defects from good parts only", "",
+                  f"PatchCore on the same backbone, fitted on {a['good_images']} good training images (no defect "
+                  f"labels) in {a['fit_seconds']:.1f} s; bank {a['bank']['patches']} × {a['bank']['dims']} "
+                  f"({a['bank']['bytes'] / 2**20:.2f} MB); threshold by {a['threshold']['method']} on val.", "",
+                  "| defect type | test AUROC (torch fp32) |", "|---|---:|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in (a["per_type"] or {}).items()]
+        if a.get("mean_of_types") is not None:
+            lines.append(f"| mean of types | {a['mean_of_types']:.4f} |")
+        lines += ["", "| target | AUROC fp32 → deployed | decision agreement | latency b1 p50 | gates |",
+                  "|---|---|---:|---:|---|"]
+        lines += [f"| {t['target']} | skipped: {t['skipped']} | | | |" if t["passed"] is None else
+                  f"| {t['target']} | {t['fp32_auroc']:.4f} → {t['auroc']:.4f} | {t['decision_agreement']:.4f} | "
+                  f"{t['latency_ms']:.2f} ms | {'pass' if t['passed'] else 'FAIL'} |" for t in a["targets"]]
+        if a.get("maps"):
+            lines += ["", f"Anomaly maps: `{a['maps']}`"]
     lines += ["", f"Exported `{summary['onnx']}`: torch fp32 vs ONNX fp32 parity "
                   f"{'passed' if summary['parity_passed'] else 'FAILED'}"]
     if summary.get("failing_reports"):

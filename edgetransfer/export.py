@@ -25,6 +25,8 @@ OPSET = 18
 NATIVE_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+#: an anomaly scorer's outputs, in order (runners read the first)
+ANOMALY_OUTPUTS = ("score", "anomaly_map")
 META_PREFIX = "edgetransfer."
 
 
@@ -37,6 +39,10 @@ def onnx_metadata(meta: RunMeta) -> dict[str, str]:
         f"{META_PREFIX}weights": meta.weights,
         f"{META_PREFIX}mode": meta.mode,
         f"{META_PREFIX}data_hash": str(meta.data.get("hash", "")),
+        f"{META_PREFIX}task": meta.task,
+        **({f"{META_PREFIX}anomaly": json.dumps({"good": meta.anomaly.get("good"),
+                                                  "threshold": meta.anomaly.get("threshold")}, sort_keys=True)}
+           if meta.task == "anomaly" else {}),
     }
 
 
@@ -48,7 +54,8 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
 
 
 def export_module(model: Any, spec: InputSpec, target: str | Path, *, opset: int = OPSET,
-                  metadata: dict[str, str] | None = None, doc: str = "") -> Path:
+                  metadata: dict[str, str] | None = None, doc: str = "",
+                  output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> Path:
     """Export an eval-mode torch module taking (N, 3, H, W) to a single ONNX file, atomically.
 
     Uses torch's current exporter (torch.export based). The batch dimension stays dynamic; weights
@@ -64,7 +71,7 @@ def export_module(model: Any, spec: InputSpec, target: str | Path, *, opset: int
         # the exporter narrates each phase on stdout; keep the CLI's output to our own summary
         with contextlib.redirect_stdout(io.StringIO()) as chatter:
             try:
-                program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=list(output_names),
                                             opset_version=max(opset, NATIVE_OPSET), dynamo=True, external_data=False,
                                             dynamic_shapes=({0: batch},), verbose=False)
             except Exception as exc:
@@ -116,8 +123,12 @@ def export_onnx(run: str | Path, *, out: str | Path | None = None, opset: int = 
 
     run = Path(run)
     model, meta = load_model(run)
+    if meta.task == "anomaly":
+        outputs, doc = ANOMALY_OUTPUTS, (f"edgetransfer anomaly scorer on {meta.backbone} ({meta.mode}): score and "
+                                         f"map, threshold 0.5; good class {meta.anomaly.get('good')!r}")
+    else:
+        outputs, doc = (OUTPUT_NAME,), f"edgetransfer {meta.backbone} ({meta.mode}) — classes: {', '.join(meta.classes)}"
     target = export_module(model, meta.input_spec, Path(out) if out is not None else run / ONNX_FILE, opset=opset,
-                           metadata=onnx_metadata(meta),
-                           doc=f"edgetransfer {meta.backbone} ({meta.mode}) — classes: {', '.join(meta.classes)}")
+                           metadata=onnx_metadata(meta), doc=doc, output_names=outputs)
     log.info("exported %s (opset %d) to %s", meta.backbone, opset, target)
     return target

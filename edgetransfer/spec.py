@@ -22,6 +22,7 @@ _RESIZE_MODES = ("shorter_center_crop", "stretch", "letterbox")
 #: the CLI's short names for the resize policies
 RESIZE_POLICIES: dict[str, ResizeMode] = {"crop": "shorter_center_crop", "stretch": "stretch", "letterbox": "letterbox"}
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+TASKS = ("classification", "anomaly")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class RunMeta:
     weights_sha256: str | None = None
     #: where the input spec's normalisation came from (the weights' config, a sidecar, the user's flags)
     spec_source: str | None = None
+    #: "classification" (logits over `classes`) or "anomaly" (a score per image, fitted on the good class
+    #: `anomaly["good"]` of `classes`; every other class counts as defective)
+    task: str = "classification"
+    #: an anomaly run's scorer: its configuration, the threshold and how it was set, the bank's size
+    anomaly: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +125,9 @@ class RunMeta:
         classes = d["classes"]
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise IntegrityError("classes must be a non-empty list of names", path=source, field="classes")
+        if d.get("task", "classification") not in TASKS:
+            raise IntegrityError(f"unknown task {d.get('task')!r}; this edgetransfer knows {list(TASKS)}",
+                                 path=source, field="task")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["input_spec"] = InputSpec.from_dict(d["input_spec"], source=source)

@@ -54,7 +54,7 @@ def run_splits(meta: RunMeta) -> DatasetSplits:
     splits = scan_dataset(root, classes=meta.classes, seed=meta.data.get("seed", 0),
                           val_fraction=meta.data.get("val_fraction", 0.15),
                           test_fraction=meta.data.get("test_fraction", 0.15), verify=False,
-                          exclude=meta.data.get("skipped", []))
+                          exclude=meta.data.get("skipped", []), held_out_classes=meta.task == "anomaly")
     if dataset_hash(splits) != meta.data.get("hash"):
         log.warning("dataset at %s changed since training (hash differs)", root)
     return splits
@@ -125,9 +125,23 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     calibration = load_arrays(chosen.samples, meta.input_spec, description="calibration images")
     val = load_arrays(splits.val, meta.input_spec, description="validation images")
     labels = np.array([s.label for s in splits.val])
+    task: dict[str, Any] = {}
+    if meta.task == "anomaly":  # judged by AUROC and decisions; the distances to the bank stay fp32
+        from .anomaly.deploy import float_nodes, score_metric
+        from .anomaly.fit import good_index
+
+        good = good_index(meta.classes, meta.anomaly.get("good", "ok"))
+        labels = (labels != good).astype(np.int64)
+        fitted = {s.path for s in splits.train if s.label == good}  # in the bank: every model agrees there
+        unseen = [s for s in chosen.samples if s.path not in fitted]
+        task = {"metric": score_metric(labels.astype(bool)), "float_nodes": float_nodes(fp32),
+                "agreement_images": load_arrays(unseen, meta.input_spec, description="agreement images")
+                if unseen else []}
+        compiler_in_loop = False  # the compiler check compares logits; validate compares the compiled scores
     report = quantize_model(fp32, out / INT8_FILE, scheme=tgt.quantization, preset=preset,
                             calibration=calibration, validation=(np.concatenate(val), labels),
-                            gates=tgt.gates.quantization, compiler=compiler_check(tgt) if compiler_in_loop else None)
+                            gates=tgt.gates.quantization, compiler=compiler_check(tgt) if compiler_in_loop else None,
+                            **task)
     write_json(out / "quantization.json", report.to_dict())
     return QuantizeResult(model=out / INT8_FILE, report=report, calibration=chosen.record)
 

@@ -1,9 +1,9 @@
 """Target profiles and calibration presets: small frozen dataclasses loaded strictly from YAML.
 
 A profile names everything that differs between devices — backend, device, precision, batch range,
-quantization scheme, parity gates — so that the stages stay device-agnostic. Profiles ship inside
-the package (`edgetransfer/profiles/targets/*.yaml`, so they reach an installed wheel); a path to a
-user's own YAML file works wherever a name does.
+quantization scheme, parity gates — so that the stages stay device-agnostic. Profiles live in the
+checkout's top-level `targets/` and presets in `calibration/`; setup.py maps both into the wheel, so an
+installed edgetransfer lists the same names. A path to a user's own YAML file works wherever a name does.
 """
 
 from __future__ import annotations
@@ -200,7 +200,12 @@ class CalibrationPreset:
 
 
 def _profile_dir(kind: str) -> resources.abc.Traversable:
-    return resources.files("edgetransfer") / "profiles" / kind
+    """The checkout's top-level `targets/` or `calibration/` (people edit them there), or, in an installed
+    wheel, the copy setup.py mapped into the package as `edgetransfer/profiles/<kind>/`."""
+    packaged = resources.files("edgetransfer") / "profiles" / kind
+    if packaged.is_dir():
+        return packaged
+    return resources.files("edgetransfer").parent / kind
 
 
 def _names(kind: str) -> list[str]:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,20 +69,26 @@ class _Side:
         return Side(self.runner.description + suffix, self.runner.precision)
 
 
-def validate(run: str | Path, data: str | Path | None = None, *, target: str | Path | Target | None = None,
-             batch_size: int = 16) -> ParityReport:
-    """Compare the run's torch model with its exported (and, for a target, lowered and compiled) models.
+@dataclass
+class Measured:
+    """Every side's outputs on the held-out images (the first output: logits, or an anomaly score), and
+    what the deployed side did at batch 1 vs its largest batch."""
 
-    Without a target: torch vs ONNX fp32, written to `RUN/parity.*`. With a target: every pair of
-    DESIGN.md with the target's gates, written to `RUN/<target>/parity.*`, plus batch-1 latency of the
-    compiled artifact. The caller decides the exit code from `report.passed`.
-    """
-    run = Path(run)
-    meta = RunMeta.load(run / "meta.json")
-    tgt = as_target(target) if target is not None else None
-    samples, source = held_out_samples(meta, data)
-    if not samples:
-        raise UsageError("no held-out images to validate on", path=source)
+    sides: dict[str, _Side]
+    outputs: dict[str, np.ndarray]
+    labels: np.ndarray
+    deployed: _Side
+    batch_max: int
+    single: np.ndarray
+    batched: np.ndarray
+    few_labels: np.ndarray
+    latency: Any
+
+
+def measure_sides(run: Path, meta: RunMeta, samples: Sequence[Sample], tgt: Target | None,
+                  batch_size: int) -> Measured:
+    """Load the reference, the export and (for a target) the QDQ file and the compiled artifact; run them
+    all on identical batches; time the deployed one at batch 1."""
     onnx_path = run / ONNX_FILE
     if not onnx_path.exists():
         raise UsageError("no exported model; run `edgetransfer export` first", path=onnx_path)
@@ -99,30 +106,50 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
         for s in sides.values():
             s.runner.__enter__()
             entered.append(s.runner)
-        logits, labels = run_all(samples, meta.input_spec, {k: s.runner for k, s in sides.items()},
-                                 batch_size=min(batch_size, batch_max))
+        outputs, labels = run_all(samples, meta.input_spec, {k: s.runner for k, s in sides.items()},
+                                  batch_size=min(batch_size, batch_max))
         few = samples[: min(len(samples), 2 * batch_max)]
         single, _ = run_all(few, meta.input_spec, {"deployed": deployed.runner}, batch_size=1)
         batched, few_labels = run_all(few, meta.input_spec, {"deployed": deployed.runner}, batch_size=batch_max)
         latency = measure(deployed.runner, (3, meta.input_spec.height, meta.input_spec.width),
                           batch=1, warmup=3, iterations=20)
-        pairs = _pairs(sides, logits, labels, tgt, run)
-        pairs.append(compare(f"dynamic batch: {deployed.runner.description} batch 1 vs {batch_max}",
-                             deployed.side(f" batch {batch_max}"), deployed.side(" batch 1"),
-                             batched["deployed"], single["deployed"], few_labels,
-                             Gates(min_agreement=1.0, max_abs_diff=_batch_tolerance(tgt))))
     finally:
         for r in reversed(entered):
             r.__exit__(None, None, None)
+    return Measured(sides=sides, outputs=outputs, labels=labels, deployed=deployed, batch_max=batch_max,
+                    single=single["deployed"], batched=batched["deployed"], few_labels=few_labels, latency=latency)
+
+
+def validate(run: str | Path, data: str | Path | None = None, *, target: str | Path | Target | None = None,
+             batch_size: int = 16) -> ParityReport:
+    """Compare the run's torch model with its exported (and, for a target, lowered and compiled) models.
+
+    Without a target: torch vs ONNX fp32, written to `RUN/parity.*`. With a target: every pair of
+    DESIGN.md with the target's gates, written to `RUN/<target>/parity.*`, plus batch-1 latency of the
+    compiled artifact. The caller decides the exit code from `report.passed`. An anomaly run is
+    judged by its scores (`anomaly.validate`).
+    """
+    run = Path(run)
+    meta = RunMeta.load(run / "meta.json")
+    tgt = as_target(target) if target is not None else None
+    samples, source = held_out_samples(meta, data)
+    if not samples:
+        raise UsageError("no held-out images to validate on", path=source)
+    m = measure_sides(run, meta, samples, tgt, batch_size)
+    if meta.task == "anomaly":
+        from .anomaly.validate import score_report
+
+        return score_report(run, meta, tgt, m, source)
+    logits, labels, sides, deployed = m.outputs, m.labels, m.sides, m.deployed
+    pairs = _pairs(sides, logits, labels, tgt, run)
+    pairs.append(compare(f"dynamic batch: {deployed.runner.description} batch 1 vs {m.batch_max}",
+                         deployed.side(f" batch {m.batch_max}"), deployed.side(" batch 1"),
+                         m.batched, m.single, m.few_labels,
+                         Gates(min_agreement=1.0, max_abs_diff=batch_tolerance(tgt))))
     out = target_dir(run, tgt) if tgt else run
-    report = ParityReport(classes=meta.classes, pairs=pairs, context={
-        "run": str(run), "target": tgt.name if tgt else "none (fp32 export only)", "data": source,
-        "samples": len(samples), "backbone": meta.backbone,
-        "input": f"{meta.input_spec.height}x{meta.input_spec.width} {meta.input_spec.color_order}",
-        "deployed latency (batch 1)": f"{latency.p50_ms:.2f} ms p50, {latency.p99_ms:.2f} ms p99 "
-                                      f"({deployed.runner.description}, {deployed.runner.precision})"},
-        latency=latency.to_dict(), summary=deployed_summary(logits["torch"], logits[deployed.key], labels,
-                                                           deployed.runner.precision))
+    report = ParityReport(classes=meta.classes, pairs=pairs, context=report_context(run, meta, tgt, source, m),
+                          latency=m.latency.to_dict(), summary=deployed_summary(logits["torch"], logits[deployed.key],
+                                                                                labels, deployed.runner.precision))
     if tgt is not None:  # the bytes this report is about, hashed after they ran (bundle compares them)
         from .stages import checked_artifact_files
 
@@ -137,9 +164,17 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
     write_text(out / "parity.md", report.to_markdown())
     from .plots import parity_figure
 
-    figure_pairs = {p.pair: (logits[a], logits[b]) for p, (a, b) in zip(pairs, _pair_keys(sides, tgt))}
+    figure_pairs = {p.pair: (logits[a], logits[b]) for p, (a, b) in zip(pairs, pair_keys(sides, tgt))}
     parity_figure(report, figure_pairs, labels, logits[deployed.key].argmax(1), out / "parity.png")
     return report
+
+
+def report_context(run: Path, meta: RunMeta, tgt: Target | None, source: str, m: Measured) -> dict[str, Any]:
+    return {"run": str(run), "target": tgt.name if tgt else "none (fp32 export only)", "data": source,
+            "samples": len(m.labels), "backbone": meta.backbone,
+            "input": f"{meta.input_spec.height}x{meta.input_spec.width} {meta.input_spec.color_order}",
+            "deployed latency (batch 1)": f"{m.latency.p50_ms:.2f} ms p50, {m.latency.p99_ms:.2f} ms p99 "
+                                          f"({m.deployed.runner.description}, {m.deployed.runner.precision})"}
 
 
 def held_out_baselines(meta: RunMeta, reference: np.ndarray, labels: np.ndarray) -> dict:
@@ -184,7 +219,7 @@ def deployed_summary(reference: np.ndarray, deployed: np.ndarray, labels: np.nda
             "agreement": float((reference.argmax(1) == deployed.argmax(1)).mean())}
 
 
-def _pair_keys(sides: dict[str, _Side], tgt: Target | None) -> list[tuple[str, str]]:
+def pair_keys(sides: dict[str, _Side], tgt: Target | None) -> list[tuple[str, str]]:
     keys = [("torch", "onnx")]
     if tgt is not None:
         lowered = "qdq" if "qdq" in sides else "compiled"
@@ -202,7 +237,7 @@ def _pairs(sides: dict[str, _Side], logits: dict[str, np.ndarray], labels: np.nd
              ("qdq", "compiled"): "compiler fidelity: INT8 QDQ (ONNX Runtime) vs compiled",
              ("onnx", "compiled"): "compiler fidelity: ONNX fp32 (ONNX Runtime) vs compiled"}
     out = []
-    for a, b in _pair_keys(sides, tgt):
+    for a, b in pair_keys(sides, tgt):
         if tgt is None:
             gates = FP32_GATES
         elif a == "torch" and b == "onnx":
@@ -276,7 +311,7 @@ def _read_quantization(run: Path | None, tgt: Target) -> dict | None:
         return None
 
 
-def _batch_tolerance(tgt: Target | None) -> float:
+def batch_tolerance(tgt: Target | None) -> float:
     """Batch size may change kernels (and INT8 rounding) slightly; fp32 ONNX must be near-identical."""
     if tgt is None or tgt.precision == "fp32":
         return 1e-4

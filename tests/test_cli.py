@@ -1,11 +1,12 @@
 """The command line's contract: help without heavy imports, listing, exit codes with clear messages,
-and the quick demo end to end (the one slow test here, ~35 s on two cores)."""
+and the quick demo end to end (the one slow test here: every stage and the second act, about a minute on two cores)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -72,7 +73,8 @@ def test_quick_demo_end_to_end(tmp_path):
     # the quick model is barely trained and its test set is 15 images, so one flipped image breaks the
     # INT8 gates: the contract checked here is that the exit code says exactly whether every gate passed
     target_rows = [t for t in summary["targets"] if t["passed"] is not None]
-    all_passed = summary["parity_passed"] and all(t["passed"] for t in target_rows)
+    anomaly_rows = [t for t in summary["anomaly"]["targets"] if t["passed"] is not None]
+    all_passed = summary["parity_passed"] and all(t["passed"] for t in target_rows + anomaly_rows)
     assert result.exit_code == (0 if all_passed else 1), result.output
     assert {t["target"] for t in summary["targets"]} == {"intel-cpu", "x86-onnxruntime"}
     for t in target_rows:
@@ -100,3 +102,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "bundle-intel-cpu" / "manifest.json").exists() and (out / "bundle-intel-cpu.tar.gz").exists()
     assert len(bundle["predictions"]) == 5 and {p["class"] for p in bundle["predictions"]} <= set(parity["classes"])
     assert "shipped" in text and bundle["digest"] and "verify passed" in text
+    # the second act: an anomaly scorer from the good images only, through the same targets
+    anomaly = summary["anomaly"]
+    assert set(anomaly["per_type"]) == {"crack", "hole", "scratch", "stain"}
+    assert {t["target"] for t in anomaly["targets"]} == {"intel-cpu"}  # the quick run: the shipped target
+    for t in anomaly_rows:
+        assert (out / "anomaly" / t["target"] / "parity.json").exists() and 0.0 <= t["auroc"] <= 1.0
+    assert Path(anomaly["maps"]).stat().st_size > 0 and "second act" in text

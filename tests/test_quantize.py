@@ -25,7 +25,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from edgetransfer.errors import DependencyError, UsageError
-from edgetransfer.quantize import QUANTIZERS, OnnxRuntimeQuantizer, QuantizationReport, quantize_model
+from edgetransfer.quantize import QUANTIZERS, TOP1, Metric, OnnxRuntimeQuantizer, QuantizationReport, quantize_model
 from edgetransfer.targets import CalibrationPreset, GateSpec, Quantization, load_target
 
 CLASSES = ["top_left_r", "top_right_g", "bottom_left_b", "bottom_right_r"]
@@ -407,6 +407,37 @@ def test_search_keeps_layers_in_fp32_until_the_agreement_gate_passes(agreement_o
     fp32, int8 = logits(agreement_outlier, images), logits(out, images)
     assert r.agreement == pytest.approx((fp32.argmax(1) == int8.argmax(1)).mean())
     assert json.loads(json.dumps(r.to_dict(), allow_nan=False))["within_gates"] is True
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a positive outscores a negative (ties count half), by brute force."""
+    pos, neg = scores[positive][:, None], scores[~positive][None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def test_the_search_judges_by_the_metric_it_is_given(agreement_outlier, data, tmp_path):
+    """The budget search is not tied to labels-and-argmax: a detector's metric (AUROC of one class's
+    margin, the same side of zero as fp32) is what the report's figures and the gates measure."""
+    def margin(out: np.ndarray) -> np.ndarray:
+        return out[:, 0] - np.delete(out, 0, axis=1).max(1)
+
+    metric = Metric("class-0 auroc", score=lambda out, labels: _auroc(margin(out), labels == 0),
+                    same=lambda ref, cand: (margin(ref) > 0) == (margin(cand) > 0))
+    out = tmp_path / "q.onnx"
+    r = quantize_model(agreement_outlier, out, scheme=Quantization(quantizer="onnxruntime", weights="per_tensor"),
+                       preset=PRESET, calibration=data["calibration"], validation=data["validation"],
+                       gates=PROFILE_GATES, metric=metric)
+    x_val, y_val = data["validation"]
+    images = np.concatenate([x_val, *data["calibration"]])
+    fp32, int8 = logits(agreement_outlier, images), logits(out, images)
+    assert r.metric == "class-0 auroc"
+    assert r.fp32_val_accuracy == pytest.approx(_auroc(margin(fp32[:len(x_val)]), y_val == 0))
+    assert r.int8_val_accuracy == pytest.approx(_auroc(margin(int8[:len(x_val)]), y_val == 0))
+    assert r.agreement == pytest.approx(((margin(fp32) > 0) == (margin(int8) > 0)).mean())
+    # ... which on these images is not the top-1 agreement, so the line above could fail
+    assert r.agreement != pytest.approx((fp32.argmax(1) == int8.argmax(1)).mean())
+    assert TOP1.name == "accuracy" and run(agreement_outlier, tmp_path / "t.onnx", data, quantizer="onnxruntime",
+                                           weights="per_tensor").metric == "accuracy"
 
 
 def test_validation_images_in_the_calibration_set_count_once(fp32_onnx, data, tmp_path):

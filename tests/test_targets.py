@@ -52,7 +52,7 @@ def test_jetson_profiles_quantize_the_way_tensorrt_runs(name):
 
 
 def test_a_tensorrt_section_with_bad_versions_and_dla_is_refused(tmp_path):
-    profile = yaml.safe_load((Path(__file__).parents[1] / "edgetransfer/profiles/targets/jetson-agx-orin.yaml").read_text())
+    profile = yaml.safe_load((Path(__file__).parents[1] / "targets/jetson-agx-orin.yaml").read_text())
     profile["tensorrt"].update(tensorrt="ten", compute_capability="87", use_dla=True, dla_core=2)
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(profile))

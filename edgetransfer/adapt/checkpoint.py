@@ -160,6 +160,10 @@ def load_model(run: Path) -> tuple[nn.Module, RunMeta]:
 
     run = Path(run)
     meta = RunMeta.load(run / META_FILE)
+    if meta.task == "anomaly":
+        from ..anomaly.fit import load_scorer
+
+        return load_scorer(run, meta), meta
     bb = create(meta.backbone, len(meta.classes), weights="none", img_size=meta.input_spec.height)
     load_weights(bb.model, run / MODEL_FILE, sha256=meta.weights_sha256)
     return bb.model.eval(), meta

@@ -34,7 +34,10 @@ class TorchRunner(Runner):
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-            return self.model(x).float().cpu().numpy()
+            out = self.model(x)
+            if isinstance(out, tuple):  # an anomaly scorer: (score, map); runners return the first output
+                out = out[0]
+            return out.float().cpu().numpy()
 
 
 class TorchBackend(Backend):

@@ -197,7 +197,7 @@ def _split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
 
 
 def _stratified_split(train: list[Sample], classes: list[str], fractions: dict[str, float], seed: int,
-                      train_dir: Path) -> dict[str, list[Sample]]:
+                      train_dir: Path, *, absent_ok: Sequence[str] = ()) -> dict[str, list[Sample]]:
     """Per class: permute the sorted paths with a Generator seeded by (seed, crc32(class name)), so
     adding or removing one class does not reshuffle the others; then take val, test, and the rest."""
     active = [s for s in ("val", "test") if fractions.get(s, 0.0) > 0]
@@ -207,7 +207,7 @@ def _stratified_split(train: list[Sample], classes: list[str], fractions: dict[s
         by_label.setdefault(x.label, []).append(x)
     for label, name in enumerate(classes):
         items = by_label.get(label, [])
-        if not active:
+        if not active or (not items and name in absent_ok):
             out["train"] += items
             continue
         if len(items) < 1 + len(active):
@@ -228,7 +228,7 @@ def _stratified_split(train: list[Sample], classes: list[str], fractions: dict[s
 
 def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
                  classes: Sequence[str] | None = None, verify: bool = True, skip_bad: float = 0.0,
-                 exclude: Sequence[str] = ()) -> DatasetSplits:
+                 exclude: Sequence[str] = (), held_out_classes: bool = False) -> DatasetSplits:
     """Scan an ImageFolder tree into train/val/test, checking everything that can be wrong up front.
 
     `classes` (e.g. from a checkpoint) fixes the class order, and train's class folders must then match
@@ -238,6 +238,10 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
     fraction of bad files is skipped instead (listed in `record["skipped"]`). `exclude` drops files
     (paths relative to the root) after splitting, so the other images keep their splits — how a run's
     skipped files stay skipped when its dataset is scanned again.
+
+    `held_out_classes`: val/ and test/ may hold classes that train/ does not (an anomaly task trains on
+    good parts only; its defect types appear only in the held-out splits). They follow train's classes
+    in the class list, sorted; with `classes` given, train/ may then lack some of them.
     """
     for fname, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
@@ -267,9 +271,12 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
         raise DataError(f"no class folders found; {_LAYOUT}", path=train_dir)
     if classes is None:
         class_list = sorted(found)
+        if held_out_classes and train_dir != root:
+            held = {c for s in ("val", "test") if (root / s).is_dir() for c in _class_dirs(root / s)}
+            class_list += sorted(held - set(found))
     else:
         class_list = _check_classes(classes)
-        missing = [c for c in class_list if c not in found]
+        missing = [c for c in class_list if c not in found and not held_out_classes]
         extra = sorted(set(found) - set(class_list))
         if missing or extra:
             raise DataError(f"train class folders do not match the given class list: missing {missing}, "
@@ -284,7 +291,8 @@ def scan_dataset(root: str | Path, *, val_fraction: float = 0.15, test_fraction:
                 on_disk[s] = _scan_level(root / s, class_list, s)
     fractions = {"val": float(val_fraction), "test": float(test_fraction)}
     generated = [s for s in ("val", "test") if s not in on_disk]
-    parts = _stratified_split(train, class_list, {s: fractions[s] for s in generated}, seed, train_dir)
+    parts = _stratified_split(train, class_list, {s: fractions[s] for s in generated}, seed, train_dir,
+                              absent_ok=[c for c in class_list if c not in found] if held_out_classes else ())
     parts.update(on_disk)
 
     splits = DatasetSplits(root=root, classes=class_list, train=parts["train"], val=parts["val"],

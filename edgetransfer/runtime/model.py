@@ -29,7 +29,8 @@ Frame = Image.Image | np.ndarray | str | Path
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top class for one frame, its softmax score, and what it cost."""
+    """The top class for one frame, its softmax score, and what it cost. From an anomaly bundle: the
+    anomaly score (the threshold is 0.5), `label` "defect" or the good class, `index` 1 or 0."""
 
     index: int
     label: str
@@ -80,6 +81,8 @@ class BundleModel:
         self.folder = folder
         self.manifest = manifest
         self.classes: list[str] = list(manifest["classes"])
+        self.task: str = manifest.get("task", "classification")
+        self.good: str = (manifest.get("anomaly") or {}).get("good") or "ok"
         self.input_spec = InputSpec.from_dict(manifest["input_spec"], source=folder / MANIFEST)
         self.runner = runner
         self.open_ms = open_ms
@@ -123,8 +126,12 @@ class BundleModel:
         t1 = time.perf_counter()
         logits = self.infer(x)
         t2 = time.perf_counter()
-        probs = _softmax(logits)
         n = len(frames)
+        if self.task == "anomaly":  # one score per frame, normalised so that the threshold is 0.5
+            return [Prediction(index=int(s >= 0.5), label="defect" if s >= 0.5 else self.good, score=float(s),
+                               latency_ms=(t2 - t1) * 1e3 / n, preprocess_ms=(t1 - t0) * 1e3 / n,
+                               logits=np.array([s], dtype=np.float32)) for s in np.asarray(logits).reshape(-1)]
+        probs = _softmax(logits)
         out = []
         for row, p in zip(logits, probs):
             i = int(p.argmax())

@@ -1,5 +1,5 @@
 """Which ONNX operators a TensorRT release's ONNX parser imports: tables shipped as data, one per major
-version (`edgetransfer/profiles/tensorrt/onnx-ops-<major>.yaml`), so the preflight answers on a machine
+version (`edgetransfer/backends/tensorrt/onnx-ops-<major>.yaml`), so the preflight answers on a machine
 that has no TensorRT — which is every machine but the device."""
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ class OperatorTable:
         return "unsupported" if op_type in self.unsupported else "unknown"
 
 
+def _tables() -> resources.abc.Traversable:
+    return resources.files("edgetransfer.backends.tensorrt")
+
+
 def table_majors() -> list[int]:
-    folder = resources.files("edgetransfer") / "profiles" / "tensorrt"
+    folder = _tables()
     return sorted(int(p.name.removeprefix("onnx-ops-").removesuffix(".yaml")) for p in folder.iterdir()
                   if p.name.startswith("onnx-ops-") and p.name.endswith(".yaml"))
 
@@ -47,5 +51,5 @@ def operator_table(major: int) -> OperatorTable:
     if major not in table_majors():
         raise UsageError(f"no ONNX operator table for TensorRT {major}; known: "
                          f"{', '.join(map(str, table_majors()))}", field="tensorrt.tensorrt")
-    with resources.as_file(resources.files("edgetransfer") / "profiles" / "tensorrt" / f"onnx-ops-{major}.yaml") as path:
+    with resources.as_file(_tables() / f"onnx-ops-{major}.yaml") as path:
         return from_dict(OperatorTable, read_yaml(path), source=path)

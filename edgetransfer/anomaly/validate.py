@@ -1,0 +1,85 @@
+"""The validate stage for an anomaly run: `validate.measure_sides` runs every side on the held-out
+images; this judges their scores (`parity.compare_scores`) and writes parity.json / parity.md /
+parity.png (score histograms of good vs defective parts per side) where a classifier's would go."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..fsutil import write_json, write_text
+from ..parity import FP32_GATES, Gates
+from ..spec import RunMeta
+from ..stages import target_dir
+from ..targets import Target
+from ..validate import Measured, batch_tolerance, pair_keys, report_context
+from .fit import good_index, per_type_auroc
+from .metrics import NORMALISED_THRESHOLD, auroc, finite_or_none
+from .parity import ScoreParityReport, compare_scores
+
+log = logging.getLogger(__name__)
+
+_NAMES = {("torch", "onnx"): "export fidelity: torch fp32 vs ONNX fp32",
+          ("torch", "qdq"): "quantization effect: torch fp32 vs INT8 QDQ (ONNX Runtime)",
+          ("torch", "compiled"): "precision effect: torch fp32 vs compiled",
+          ("qdq", "compiled"): "compiler fidelity: INT8 QDQ (ONNX Runtime) vs compiled",
+          ("onnx", "compiled"): "compiler fidelity: ONNX fp32 (ONNX Runtime) vs compiled"}
+
+
+def _gates(pair: tuple[str, str], tgt: Target | None) -> Gates:
+    if tgt is None:
+        return Gates(min_agreement=1.0, max_abs_diff=FP32_GATES.max_abs_diff, max_accuracy_drop=0.0,
+                     min_cosine=0.9999)
+    if pair == ("torch", "onnx"):
+        return tgt.gates.export.gates()
+    if pair[0] == "torch":
+        return tgt.gates.quantization.gates()
+    return tgt.gates.compiler.gates()
+
+
+def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, source: str) -> ScoreParityReport:
+    good = good_index(meta.classes, meta.anomaly.get("good", "ok"))
+    anomalous = m.labels != good
+    scores, deployed = m.outputs, m.deployed
+    pairs = []
+    for a, b in pair_keys(m.sides, tgt):
+        pairs.append(compare_scores(_NAMES[(a, b)], m.sides[a].side(), m.sides[b].side(), scores[a], scores[b],
+                                    anomalous, _gates((a, b), tgt)))
+    pairs.append(compare_scores(f"dynamic batch: {deployed.runner.description} batch 1 vs {m.batch_max}",
+                                deployed.side(f" batch {m.batch_max}"), deployed.side(" batch 1"),
+                                m.batched, m.single, None,
+                                Gates(min_agreement=1.0, max_abs_diff=batch_tolerance(tgt) / NORMALISED_THRESHOLD)))
+    for p in pairs:
+        if p.failures and p.pair.startswith("quantization") and tgt is not None:
+            p.advice = [f"keep more of the backbone in fp32: `edgetransfer quantize RUN --target {tgt.name} "
+                        f"--max-fallback-layers N`", "another quantizer: `--quantizer nncf` or `--quantizer onnxruntime`",
+                        "calibrate on more good images (`--calib default`), then compile and validate again"]
+    ref, dep = scores["torch"], scores[deployed.key]
+    types = {name: {"reference": value, "deployed": per_type_auroc(dep, m.labels, meta.classes, good)[name]}
+             for name, value in per_type_auroc(ref, m.labels, meta.classes, good).items()}
+    summary: dict[str, Any] = {
+        "precision": deployed.runner.precision, "task": "anomaly", "good": meta.classes[good],
+        "fp32_auroc": finite_or_none(auroc(ref, anomalous)), "auroc": finite_or_none(auroc(dep, anomalous)),
+        "decision_agreement": float(((ref >= NORMALISED_THRESHOLD) == (dep >= NORMALISED_THRESHOLD)).mean()),
+        "decision_accuracy": float(((dep >= NORMALISED_THRESHOLD) == anomalous).mean()),
+        "auroc_per_type": types, "threshold": meta.anomaly.get("threshold")}
+    report = ScoreParityReport(classes=meta.classes, pairs=pairs, context=report_context(run, meta, tgt, source, m),
+                               latency=m.latency.to_dict(), summary=summary)
+    report.context["task"] = f"anomaly: good class '{meta.classes[good]}', every other class defective"
+    if tgt is not None:
+        from ..stages import checked_artifact_files
+
+        report.artifact_files = checked_artifact_files(run, tgt)
+    out = target_dir(run, tgt) if tgt else run
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "parity.json", report.to_dict())
+    write_text(out / "parity.md", report.to_markdown())
+    from .plots import score_histograms
+
+    score_histograms({m.sides[k].runner.description + f" ({m.sides[k].runner.precision})": v
+                      for k, v in scores.items()}, anomalous, out / "parity.png")
+    return report
+
+
+__all__ = ["score_report"]

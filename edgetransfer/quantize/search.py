@@ -1,0 +1,506 @@
+"""The accuracy-budget search: which quantizer, and which layers stay in fp32, so that the INT8 model
+meets every gate the target profile sets.
+
+`quantize_model` tries the scheme's quantizer (or every available one for `auto`), measures each
+against fp32 in ONNX Runtime, keeps the best (`_preference`), and — when it misses a gate of the
+target profile (the metric's drop budget on the validation split, or agreement with fp32 on the
+validation + calibration images: `Goal`) — keeps layers in fp32, most sensitive first, until every
+gate is met (the report lists what each layer saved, and what to try next when the gates are still
+missed).
+
+What "accuracy" and "agreement" mean is the caller's `Metric`: top-1 accuracy and the same top-1 class
+for a classifier (`TOP1`, the default); another task passes its own (the anomaly scorer: AUROC and
+the same side of the threshold). Sensitivity ranking needs no metric: it compares raw outputs.
+
+Where the target's compiler runs here, it is in the search too (`CompilerCheck`): every candidate is
+compiled and run as the device would, and compiler fidelity (compiled vs the QDQ file in ONNX Runtime)
+is one more gate the fallback aims at. Two INT8 implementations of one QDQ file round differently;
+on an image whose top logits nearly tie, that difference alone can miss `validate`'s compiler gate,
+and only measuring the compiled model finds it before `validate` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DependencyError, UsageError
+from ..fsutil import atomic_path
+from ..parity import Gates, Side, compare
+from ..progress import progress_bar
+from ..targets import CalibrationPreset, GateSpec, Quantization
+from .qdq import keep_fp32, quantized_layers
+from .quantizers import QUANTIZERS, Quantizer, as_input, select_quantizers
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+#: validation images used to rank layer sensitivity (NNCF's accuracy control ranks on 300 as well)
+RANKING_SAMPLES = 300
+EVAL_BATCH = 64
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+@dataclass
+class QuantizationReport:
+    """What quantization did and cost. Accuracies are fractions (0..1); drops are percentage points."""
+
+    quantizer: str
+    candidates: list[dict[str, Any]]
+    fp32_val_accuracy: float
+    int8_val_accuracy: float
+    drop: float
+    budget: float
+    within_budget: bool
+    fallback: list[dict[str, Any]]
+    excluded_layers: list[str]
+    quantized_layers: int
+    #: top-1 agreement of INT8 with fp32 on the agreement images (validation + calibration, see
+    #: `quantize_model`), how many images that is, and the gate it must meet (None: no agreement gate)
+    agreement: float = 1.0
+    agreement_samples: int = 0
+    min_agreement: float | None = None
+    #: the drop is within the budget *and* the agreement meets `min_agreement` (*and* compiler fidelity
+    #: meets its gates, where the compiler ran): what `validate` enforces
+    within_gates: bool = True
+    #: compiler fidelity of the kept model on the agreement images, where the target's compiler ran
+    #: here (`CompilerCheck`): compiler, agreement, min_cosine, gates, failures. None: not measured
+    compiler: dict[str, Any] | None = None
+    #: when a gate is missed: what to try next, most promising first (empty when within the gates)
+    advice: list[str] = field(default_factory=list)
+    #: what the `*_accuracy` fields and the drop measure (`Metric.name`: "accuracy" for a classifier)
+    metric: str = "accuracy"
+    #: nodes the caller kept fp32 in every candidate (`quantize_model(float_nodes=...)`)
+    float_nodes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CompilerCheck:
+    """The target's compiler, as the search sees it: `run(qdq_file, batches)` compiles the file the
+    way `compile` will and returns its logits on the batches (concatenated, in order); `gates` are the
+    profile's compiler-fidelity gates. Nothing here knows which compiler it is (`name` is for reports)."""
+
+    name: str
+    gates: Gates
+    run: Callable[[Path, Sequence[np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What the search judges a candidate by, given the model's first output on a batch of images.
+
+    `score(outputs, labels)`: a fraction in 0..1, higher is better (its drop from fp32, in points, is
+    what the budget limits). `same(reference, candidate)`: per image, whether the candidate gives the
+    answer the fp32 model gives (its mean is the agreement the gate limits; no labels needed, so it is
+    measured on the calibration images too). `name` is for reports.
+    """
+
+    name: str
+    score: Callable[[np.ndarray, np.ndarray], float]
+    same: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def _same_top1(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    return reference.argmax(1) == candidate.argmax(1)
+
+
+#: a classifier: top-1 accuracy on the labels, the same top-1 class as fp32
+TOP1 = Metric("accuracy", _top1_accuracy, _same_top1)
+
+
+# ---- the one function the stages call ----------------------------------------------------------
+
+def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
+                   calibration: Sequence[np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                   gates: GateSpec | None = None, compiler: CompilerCheck | None = None,
+                   metric: Metric = TOP1, float_nodes: Sequence[str] = (),
+                   agreement_images: Sequence[np.ndarray] | None = None) -> QuantizationReport:
+    """Write the QDQ model to `out` (one .onnx file, atomically) and report how it compares with fp32.
+
+    `calibration`: NCHW float32 batches from train/val (never test). `validation`: (images, labels) of
+    the validation split. `gates`: the target profile's quantization gates (`gates.quantization`),
+    the ones `validate` will enforce on the test images; None judges the accuracy budget alone.
+
+    The model must meet every gate, not only the budget: the accuracy drop on the validation split
+    must be within `scheme.max_drop` (and within `gates.max_accuracy_drop` when that is stricter), and
+    the top-1 agreement with fp32 must reach `gates.min_agreement`. When it does not, the fallback
+    keeps layers in fp32 until it does (or runs out of layers it may keep). `compiler`: the target's
+    compiler where it runs here; its fidelity gates (compiled vs QDQ in ONNX Runtime, on the agreement
+    images) then join the others. `metric`: what accuracy and agreement mean (`TOP1` for a classifier;
+    the labels are whatever `metric.score` reads). `float_nodes`: nodes that stay fp32 in every
+    candidate, on fp32 inputs (an anomaly scorer's distances to its bank: a difference of large
+    squared norms that INT8 would cancel away); the fallback adds layers to them.
+    `agreement_images`: the batches agreement is measured on besides the validation images (default:
+    the calibration batches; an anomaly scorer passes those it was not fitted on — its bank holds the
+    good training images, on which any model agrees).
+
+    Where agreement is measured — the validation images *and* the calibration images: agreement with
+    fp32 needs no labels, and the validation split alone is too coarse to judge a 0.99 gate (on 50
+    images one disagreement is 0.98, and a model at 0.985 on the test images reads as 1.0 or 0.98 by
+    luck). The calibration images (300 with the default preset) are images of the same distribution
+    that the test split is drawn from; they set the quantization ranges, but a range is one min/max
+    (or percentile) per tensor, so the function is hardly fitted to them and agreement measured on
+    them tracks held-out agreement closely. Images in both sets (calibration may draw from val) count
+    once. Accuracy, which needs labels, stays on the validation split.
+
+    The model is written even when a gate is missed (the caller turns `within_gates=False` into exit
+    code 1); `advice` then says what to try next.
+    """
+    fp32_onnx, out = Path(fp32_onnx), Path(out)
+    x_val, labels = _check_inputs(fp32_onnx, out, scheme, calibration, validation)
+    quantizers = select_quantizers(scheme.quantizer)
+    goal = Goal.of(scheme, gates, metric)
+
+    with tempfile.TemporaryDirectory(prefix="edgetransfer-quantize-") as tmp, contextlib.ExitStack() as stack:
+        ctx = _Context(fp32_onnx, Path(tmp), scheme, preset, calibration, x_val, labels, metric, compiler,
+                       float_nodes=tuple(float_nodes), agreement_images=agreement_images)
+        candidates: list[dict[str, Any]] = []
+        trials: list[tuple[_Trial, Quantizer]] = []
+        failures: list[str] = []
+        for quantizer in progress_bar(quantizers, "quantizing", total=len(quantizers)):
+            stack.enter_context(quantizer)
+            start = time.perf_counter()
+            try:
+                trial = ctx.trial(quantizer, ())
+            except Exception as exc:  # a tool failing on this model is reported, the others still compete
+                log.warning("quantizer %s failed: %s", quantizer.name, exc)
+                failures.append(f"{quantizer.name}: {exc}")
+                candidates.append({"quantizer": quantizer.name, "val_accuracy": None, "agreement": None,
+                                   "seconds": round(time.perf_counter() - start, 3), "error": str(exc)})
+                continue
+            candidates.append({"quantizer": quantizer.name, "val_accuracy": trial.accuracy,
+                               "agreement": trial.agreement, **trial.compiler_row(),
+                               "seconds": round(time.perf_counter() - start, 3)})
+            trials.append((trial, quantizer))
+        if not trials:
+            raise UsageError("no quantizer could quantize the model: " + "; ".join(failures), path=fp32_onnx)
+        best, quantizer = max(trials, key=lambda t: _preference(t[0]))
+        fallback: list[dict[str, Any]] = []
+        if not goal.met(ctx.drop(best), best) and scheme.fallback and scheme.max_fallback_layers > 0:
+            best, fallback = _fallback(ctx, quantizer, best, met=lambda t: goal.met(ctx.drop(t), t),
+                                       rank=lambda t: goal.rank(ctx.drop(t), t))
+        layer_count = len(quantized_layers(ctx.load(best.path)))
+        with atomic_path(out) as tmp_out:
+            shutil.copyfile(best.path, tmp_out)
+    drop = ctx.drop(best)
+    within_gates = goal.met(drop, best)
+    report = QuantizationReport(
+        quantizer=quantizer.name, candidates=candidates, fp32_val_accuracy=ctx.fp32_accuracy,
+        int8_val_accuracy=best.accuracy, drop=drop, budget=goal.max_drop,
+        within_budget=drop <= goal.max_drop + 1e-9, fallback=fallback, excluded_layers=list(best.exclude),
+        quantized_layers=layer_count, agreement=best.agreement, agreement_samples=ctx.agreement_samples,
+        min_agreement=goal.min_agreement, within_gates=within_gates,
+        compiler=None if best.compiler is None else {
+            "compiler": compiler.name, "samples": best.compiler.samples, "agreement": best.compiler.agreement,
+            "min_cosine": best.compiler.min_cosine, "gates": asdict(compiler.gates),
+            "failures": list(best.compiler.failures)}, metric=metric.name, float_nodes=list(float_nodes))
+    if not within_gates:
+        report.advice = quantization_advice(report, scheme=scheme, preset=preset, tried=[q.name for q in quantizers],
+                                            validation_samples=len(x_val))
+    log.info("quantized with %s: %.2f points drop (budget %.2f), agreement %.4f on %d images (gate %s), "
+             "%d layers kept in fp32%s", report.quantizer, drop, goal.max_drop, best.agreement,
+             ctx.agreement_samples, goal.min_agreement, len(fallback),
+             "" if best.compiler is None else f"; {compiler.name}: agreement {best.compiler.agreement:.4f}, "
+                                              f"min cosine {best.compiler.min_cosine:.4f}")
+    return report
+
+
+# ---- the gates the search aims at ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Goal:
+    """What the quantized model must meet: the accuracy budget, the agreement gate and, where the
+    compiler ran, its fidelity gates.
+
+    `max_drop`: points on the labelled validation split (the stricter of the scheme's budget and the
+    profile's `gates.quantization.max_accuracy_drop`). `min_agreement`: top-1 agreement with fp32 on
+    the agreement images (None: no agreement gate). The compiler's gates travel with each trial's
+    measurement (`_Trial.compiler`).
+    """
+
+    max_drop: float
+    min_agreement: float | None = None
+    metric: str = TOP1.name  # for the messages
+
+    @classmethod
+    def of(cls, scheme: Quantization, gates: GateSpec | None, metric: Metric = TOP1) -> Goal:
+        max_drop = scheme.max_drop
+        if gates is not None and gates.max_accuracy_drop is not None:
+            max_drop = min(max_drop, gates.max_accuracy_drop)
+        return cls(max_drop=max_drop, min_agreement=None if gates is None else gates.min_agreement, metric=metric.name)
+
+    def misses(self, drop: float, trial: _Trial) -> list[str]:
+        """The gates missed, in words (empty: every gate met)."""
+        out = []
+        if drop > self.max_drop + 1e-9:
+            out.append(f"{self.metric} drop {drop:.2f} points > {self.max_drop}")
+        if self.min_agreement is not None and trial.agreement < self.min_agreement - 1e-12:
+            out.append(f"agreement with fp32 {trial.agreement:.4f} < {self.min_agreement}")
+        if trial.compiler is not None:
+            out.extend(f"compiler fidelity: {failure}" for failure in trial.compiler.failures)
+        return out
+
+    def met(self, drop: float, trial: _Trial) -> bool:
+        return not self.misses(drop, trial)
+
+    def rank(self, drop: float, trial: _Trial) -> tuple[int, float, float, float]:
+        """Higher is better: gates met, then agreement, then compiler cosine, then accuracy (the smaller drop)."""
+        cosine = 1.0 if trial.compiler is None else trial.compiler.min_cosine
+        return (-len(self.misses(drop, trial)), trial.agreement, cosine, -drop)
+
+
+def quantization_advice(report: QuantizationReport, *, scheme: Quantization, preset: CalibrationPreset,
+                        tried: Sequence[str], validation_samples: int) -> list[str]:
+    """What to try next when the INT8 model misses a gate: concrete commands, most promising first."""
+    advice = []
+    if report.compiler is not None and report.compiler["failures"]:
+        advice.append(f"{report.compiler['compiler']} runs this QDQ file differently from ONNX Runtime "
+                      f"({'; '.join(report.compiler['failures'])}): a scheme its compiler executes as written "
+                      f"(for OpenVINO the intel-cpu profile's: NNCF, symmetric activations, `float_ops: [Add]`), "
+                      f"or more layers in fp32 (`--max-fallback-layers`)")
+    presets = [p for p in ("percentile", "entropy") if p != preset.name]
+    if presets:
+        advice.append(f"calibrate differently: `edgetransfer quantize RUN --target TARGET --calib {presets[0]}` "
+                      f"(or --calib {' / '.join(presets[1:] or presets)}); ranges that clip rare outliers keep "
+                      f"more resolution for typical activations (used: {preset.name}, {preset.method})")
+    others = [name for name in QUANTIZERS if name not in tried]
+    if others:
+        advice.append(f"another quantizer: `--quantizer {others[0]}` (tried: {', '.join(tried)})")
+    if len(report.excluded_layers) >= scheme.max_fallback_layers or not scheme.fallback:
+        advice.append(f"allow more layers in fp32: `--max-fallback-layers {max(2 * scheme.max_fallback_layers, 4)}` "
+                      f"(the search stopped at {scheme.max_fallback_layers}; each costs some INT8 speed)")
+    elif report.fallback or report.excluded_layers:
+        advice.append("the layers left in INT8 bring no error of their own that keeping them in fp32 would "
+                      "remove: the loss is spread out; a calibration preset or another quantizer helps more")
+    if scheme.weights == "per_tensor":
+        advice.append("per-channel weights (quantization.weights: per_channel in a copy of the profile, "
+                      "`edgetransfer targets show TARGET > my.yaml`, then --target my.yaml)")
+    if report.min_agreement is not None and report.min_agreement < 1.0:
+        needed = int(np.ceil(1.0 / (1.0 - report.min_agreement)))
+        if validation_samples < needed:
+            advice.append(f"more validation images: {validation_samples} labelled images judge the accuracy budget "
+                          f"in steps of {100.0 / validation_samples:.1f} points and one disagreement of "
+                          f"{needed} test images already misses agreement {report.min_agreement}; "
+                          f"aim for at least {needed} in val/ and test/")
+    return advice
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+@dataclass
+class _Trial:
+    """One quantized model and how it did: accuracy on the validation split, agreement with fp32 on
+    the agreement images (validation + calibration), and compiler fidelity on the same images where
+    the compiler ran (compiled vs this QDQ file in ONNX Runtime)."""
+
+    path: Path
+    exclude: tuple[str, ...]
+    accuracy: float
+    agreement: float
+    compiler: Any = None  # parity.PairReport
+
+    def compiler_row(self) -> dict[str, Any]:
+        if self.compiler is None:
+            return {}
+        return {"compiler_agreement": self.compiler.agreement, "compiler_min_cosine": self.compiler.min_cosine}
+
+
+class _Context:
+    """What every trial of one `quantize_model` call shares: inputs, fp32 reference, a work folder."""
+
+    def __init__(self, fp32_onnx: Path, workdir: Path, scheme: Quantization, preset: CalibrationPreset,
+                 calibration: Sequence[np.ndarray], x_val: np.ndarray, labels: np.ndarray, metric: Metric,
+                 compiler: CompilerCheck | None = None, float_nodes: tuple[str, ...] = (),
+                 agreement_images: Sequence[np.ndarray] | None = None):
+        import onnx
+
+        self.fp32_onnx, self.workdir, self.scheme, self.preset = fp32_onnx, workdir, scheme, preset
+        self.compiler, self.metric, self.float_nodes = compiler, metric, float_nodes
+        self.calibration, self.x_val, self.labels = calibration, x_val, labels
+        self.reference = onnx.load(str(fp32_onnx))
+        #: validation images first, then the calibration images not among them
+        extra = calibration if agreement_images is None else agreement_images
+        self.x_agree: list[np.ndarray] = [x_val, *_unseen(extra, x_val)]
+        self.agreement_samples = sum(len(x) for x in self.x_agree)
+        self.fp32_agree = onnx_logits(fp32_onnx, self.x_agree)
+        self.fp32_logits = self.fp32_agree[:len(x_val)]
+        self.fp32_accuracy = metric.score(self.fp32_logits, labels)
+        self._count = 0
+
+    @staticmethod
+    def load(path: Path) -> onnx.ModelProto:
+        import onnx
+
+        return onnx.load(str(path))
+
+    def build(self, quantizer: Quantizer, exclude: Sequence[str], *, float_weights: bool = False) -> Path:
+        self._count += 1
+        path = self.workdir / f"{self._count:03d}-{quantizer.name}.onnx"
+        quantizer.quantize(self.fp32_onnx, path, scheme=self.scheme, preset=self.preset,
+                           calibration=self.calibration, exclude=[*self.float_nodes, *exclude],
+                           float_weights=float_weights)
+        return path
+
+    def trial(self, quantizer: Quantizer, exclude: Sequence[str]) -> _Trial:
+        path = self.build(quantizer, exclude)
+        logits = onnx_logits(path, self.x_agree)
+        fidelity = None
+        if self.compiler is not None:
+            fidelity = compare(f"compiler fidelity: INT8 QDQ (ONNX Runtime) vs {self.compiler.name}",
+                               Side("onnxruntime", "int8"), Side(self.compiler.name, "int8"), logits,
+                               self.compiler.run(path, self.x_agree), None, self.compiler.gates)
+        return _Trial(path=path, exclude=tuple(exclude),
+                      accuracy=self.metric.score(logits[:len(self.x_val)], self.labels),
+                      agreement=float(np.mean(self.metric.same(self.fp32_agree, logits))), compiler=fidelity)
+
+    def drop(self, trial: _Trial) -> float:
+        return round((self.fp32_accuracy - trial.accuracy) * 100.0, 6)
+
+
+def _unseen(calibration: Sequence[np.ndarray], x_val: np.ndarray) -> list[np.ndarray]:
+    """The calibration batches without the images that are also validation images (no copy when none is)."""
+    seen = {hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest() for x in x_val}
+    out = []
+    for batch in calibration:
+        keep = np.array([hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest() not in seen for x in batch])
+        if keep.all():
+            out.append(batch)
+        elif keep.any():
+            out.append(batch[keep])
+    return out
+
+
+def _preference(trial: _Trial) -> tuple[float, float]:
+    """How `auto` ranks quantizers: the highest top-1 agreement with fp32, then accuracy; ties keep
+    QUANTIZERS' order (max is stable). The gates are then enforced on the chosen one by the fallback.
+
+    Agreement first because it bounds everything else: two models that agree on a fraction a of the
+    images differ in accuracy by at most 1 − a, while on a validation split of a few dozen images an
+    INT8 model "more accurate" than fp32 is noise — ranking by accuracy once kept a candidate at 92 %
+    agreement over one at 98 %, and it then missed the agreement gate on the test images by more.
+    """
+    return trial.agreement, trial.accuracy
+
+
+def onnx_logits(model: Path | onnx.ModelProto, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Run a model (path or ModelProto) in ONNX Runtime on the CPU, in batches.
+
+    `x`: one NCHW array, or a sequence of them (their logits are concatenated in order)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    arrays = [x] if isinstance(x, np.ndarray) else list(x)
+    return np.concatenate([session.run(None, {name: as_input(a[i:i + EVAL_BATCH])})[0]
+                           for a in arrays for i in range(0, len(a), EVAL_BATCH)])
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+# ---- the accuracy budget ----------------------------------------------------------------------
+
+def _fallback(ctx: _Context, quantizer: Quantizer, start: _Trial, *, met: Callable[[_Trial], bool],
+              rank: Callable[[_Trial], Any]) -> tuple[_Trial, list[dict[str, Any]]]:
+    """Keep layers in fp32, most sensitive first, until `met(trial)` (every gate: `Goal.met`).
+
+    The search knows no gate itself: `met` says when to stop and `rank` (higher is better) which step
+    to keep when none meets them.
+
+    Ranking is cheap: one extra quantization with fp32 weights behind Q→DQ pairs, then per layer a
+    graph edit that leaves *only that layer* in INT8 (every other layer fp32, on fp32 inputs), scored
+    by the logit error vs fp32 (on up to RANKING_SAMPLES of the agreement images: no labels needed)
+    that it alone brings, as a share of the error of the whole INT8 model. Leave-one-in, not
+    leave-one-out: with two independent culprits, keeping either one alone in fp32 changes nothing,
+    so leave-one-out ranks by noise. Each layer kept is then real: the quantizer runs again with the
+    exclusions and the full validation and agreement images judge it. Returns the first step that
+    meets the gates (else the best by `rank`, ties: fewer layers) and one row per layer kept.
+    """
+    fake = ctx.load(ctx.build(quantizer, (), float_weights=True))
+    x_all = np.concatenate(ctx.x_agree) if len(ctx.x_agree) > 1 else ctx.x_val
+    # evenly spaced, not the first N: image arrays are often ordered by class
+    pick = np.unique(np.linspace(0, len(x_all) - 1, min(RANKING_SAMPLES, len(x_all))).astype(int))
+    x_rank, ref = x_all[pick], ctx.fp32_agree[pick]
+    del x_all
+    layers = quantized_layers(fake)
+    names = [name for name, _ in layers]
+
+    def error(keep: Sequence[str]) -> float:
+        edited = copy.deepcopy(fake)
+        keep_fp32(edited, keep, ctx.reference)
+        return _mse(onnx_logits(edited, x_rank), ref)
+
+    full, floor = error(()), error(names)  # every layer INT8 / only the quantizers outside layers left
+    scores: list[tuple[float, str, str]] = []
+    for name, op_type in progress_bar(layers, "ranking layer sensitivity", total=len(layers)):
+        alone = error([n for n in names if n != name])
+        scores.append(((alone - floor) / (full - floor) if full > floor else 0.0, name, op_type))
+    scores.sort(key=lambda s: -s[0])
+    log.info("layer sensitivity (share of the INT8 logit error each layer brings alone): %s",
+             ", ".join(f"{n} {s:.3f}" for s, n, _ in scores[:10]))
+
+    steps, rows = [start], []
+    allowed = scores[:ctx.scheme.max_fallback_layers]
+    for sensitivity, name, op_type in progress_bar(allowed, "keeping layers in fp32", total=len(allowed)):
+        if sensitivity <= 0 or met(steps[-1]):
+            break  # every gate met, or no layer left that brings error of its own
+        trial = ctx.trial(quantizer, (*steps[-1].exclude, name))
+        rows.append({"layer": name, "op_type": op_type, "sensitivity": round(sensitivity, 6),
+                     "val_accuracy_after": trial.accuracy, "drop_after": ctx.drop(trial),
+                     "agreement_after": trial.agreement, **{f"{k}_after": v for k, v in trial.compiler_row().items()},
+                     "saved_points": round(ctx.drop(steps[-1]) - ctx.drop(trial), 6)})
+        log.info("kept %s in fp32: drop %.2f → %.2f points, agreement %.4f → %.4f", name, ctx.drop(steps[-1]),
+                 ctx.drop(trial), steps[-1].agreement, trial.agreement)
+        steps.append(trial)
+    passing = [i for i, step in enumerate(steps) if met(step)]
+    best = passing[0] if passing else max(range(len(steps)), key=lambda i: (rank(steps[i]), -i))
+    return steps[best], rows[:best]
+
+
+def _check_inputs(fp32_onnx: Path, out: Path, scheme: Quantization, calibration: Sequence[np.ndarray],
+                  validation: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise DependencyError("quantization measures accuracy in ONNX Runtime (pip install onnx onnxruntime)")
+    if not fp32_onnx.is_file():
+        raise UsageError("fp32 ONNX model not found; run `edgetransfer export` first", path=fp32_onnx)
+    if fp32_onnx.resolve() == out.resolve():
+        raise UsageError("the quantized model must not overwrite the fp32 model", path=out)
+    problems = scheme.problems()
+    if problems:
+        raise UsageError("; ".join(problems), field="quantization")
+    if not calibration or any(np.ndim(b) != 4 or len(b) == 0 for b in calibration):
+        raise UsageError("calibration must be a non-empty list of non-empty NCHW batches", field="calibration")
+    x_val, labels = np.asarray(validation[0]), np.asarray(validation[1])
+    if x_val.ndim != 4 or len(x_val) == 0 or labels.shape != (len(x_val),):
+        raise UsageError(f"validation must be (N, C, H, W) images with N labels, got {x_val.shape} and "
+                         f"{labels.shape}", field="validation")
+    return x_val, labels.astype(np.int64)
+
+
+__all__ = ["CompilerCheck", "Goal", "QuantizationReport", "onnx_logits", "quantization_advice", "quantize_model"]
