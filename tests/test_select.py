@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
+from onnx import numpy_helper
 
 from edgetransfer.cli import main
-from edgetransfer.select.core import Candidate, weights_here
+from edgetransfer.select.core import (TIMING_CALIBRATION_IMAGES, Candidate, _latency_target, _quantize_for_timing,
+                                      weights_here)
+from edgetransfer.spec import RunMeta
+from edgetransfer.stages import INT8_FILE, quantize_run, run_splits
+from edgetransfer.targets import load_target
 from edgetransfer.select.ranking import latency_warning, recommend
 from edgetransfer.select.transferability import (fit_logistic, kendall_tau_b, linear_probe_cv, logme, pareto_front,
                                                  stratified_folds)
@@ -201,6 +208,48 @@ def test_out_inside_the_data_is_refused(tiny_data):
     assert result.exit_code == 2 and "overlaps the dataset" in result.output
 
 
+# -- the model that is timed -----------------------------------------------------------------------
+
+def _graph(model: onnx.ModelProto) -> tuple[list, dict]:
+    """What decides how a runtime executes a QDQ file: every node (type, wiring, attributes) and every
+    initializer's type and shape; not the values of scales, zero points and biases."""
+    nodes = [(n.op_type, n.domain, tuple(n.input), tuple(n.output),
+              tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute)))
+             for n in model.graph.node]
+    return nodes, {i.name: (i.data_type, tuple(i.dims)) for i in model.graph.initializer}
+
+
+@pytest.mark.parametrize("target", ["intel-cpu", "x86-onnxruntime", "jetson-orin-nano"])
+def test_the_model_timed_has_the_graph_that_quantize_writes(exported_run, tmp_path, target):
+    """select times a QDQ file quantized from a few images without bias correction; that must be the
+    graph `edgetransfer quantize` writes with the target's scheme (NNCF for intel-cpu, ONNX Runtime's
+    quantizer otherwise, float Adds, signed activations, biases on the grid), only its values differ."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("meta.json", "model.onnx"):
+        shutil.copy2(exported_run / name, run / name)
+    tgt = _latency_target(load_target(target))
+    quantize_run(run, tgt, calib="quick", compiler_in_loop=False)
+    reference = onnx.load(str(run / tgt.name / INT8_FILE))
+    reference_images = json.loads((run / tgt.name / "calibration.json").read_text())["count"]
+    shutil.rmtree(run / tgt.name)
+
+    splits = run_splits(RunMeta.load(run / "meta.json"))
+    _quantize_for_timing(run, tgt, splits)
+    timed = onnx.load(str(run / tgt.name / INT8_FILE))
+    assert _graph(timed) == _graph(reference)
+    assert sum(n.op_type == "QuantizeLinear" for n in timed.graph.node) > 5
+    # not the same file: ranges from fewer images (and, for NNCF, no bias correction)
+    values = {i.name: numpy_helper.to_array(i) for i in reference.graph.initializer}
+    assert any(not np.array_equal(numpy_helper.to_array(i), values[i.name]) for i in timed.graph.initializer)
+    calibration = json.loads((run / tgt.name / "calibration.json").read_text())
+    assert calibration["count"] == max(TIMING_CALIBRATION_IMAGES, len(splits.classes)) < reference_images
+    assert "timing only" in calibration["purpose"]
+    assert not {f["path"] for f in calibration["files"]} & {str(s.path.relative_to(splits.root)) for s in splits.test}
+    record = json.loads((run / tgt.name / "quantization.json").read_text())
+    assert record["bias_correction"] is False and record["accuracy"] is None and "timing only" in record["purpose"]
+
+
 # -- end to end --------------------------------------------------------------------------------------
 
 def test_select_end_to_end(tiny_data, tmp_path, monkeypatch):
@@ -226,6 +275,10 @@ def test_select_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert "efficientnet_lite0" in result.output and "skipped resnet18" in result.output
     assert (out / "select.png").stat().st_size > 0 and "| 1 | **efficientnet_lite0** | 64 |" in \
         (out / "select.md").read_text()
+    assert "quantized for timing only" in (out / "select.md").read_text()
+    calibration = json.loads((out / "candidates" / "efficientnet_lite0-64" / "x86-onnxruntime" /
+                              "calibration.json").read_text())
+    assert "timing only" in calibration["purpose"] and calibration["count"] == TIMING_CALIBRATION_IMAGES
 
     again = CliRunner().invoke(main, [*args, "--target", "x86-onnxruntime", "--latency-budget", "0.0001"])
     assert again.exit_code == 1, again.output

@@ -9,12 +9,14 @@ For every candidate backbone with pretrained weights on this machine and every i
 2. **Transferability** of those features (`transferability.py`): cross-validated linear-probe
    accuracy — the predicted accuracy that ranks — and LogME.
 3. **Latency, measured**: the backbone with its ImageNet head replaced by an untrained head for
-   these classes (latency does not depend on the head's values) is exported, quantized with the
-   `quick` calibration preset (no fp32 fallback layers, compiler not in the loop), compiled for the
-   target and timed at batch 1 with `bench.measure` — the same stages as `edgetransfer quantize /
-   compile / bench`, in `OUT/candidates/<backbone>-<size>/` (a run folder of its own, reused when
-   nothing changed). A target whose backend cannot run here (TensorRT: a Jetson) gets the
-   backend's preflight verdict instead and no latency.
+   these classes (latency does not depend on the head's values) is exported, quantized for timing
+   only (`_quantize_for_timing`: the target's quantizer and scheme, so the same QDQ graph as
+   `edgetransfer quantize` writes, from a handful of calibration images and without NNCF's bias
+   correction, which set values, not the graph; no accuracy is measured, no fp32 fallback layers),
+   compiled for the target and timed at batch 1 with `bench.measure` — the same export, compile and
+   bench code as `edgetransfer export / compile / bench`, in `OUT/candidates/<backbone>-<size>/` (a
+   run folder of its own, reused when nothing changed). A target whose backend cannot run here
+   (TensorRT: a Jetson) gets the backend's preflight verdict instead and no latency.
 
 Then the Pareto front of predicted accuracy vs latency, the recommendation (`ranking.recommend`),
 and `OUT/select.json`, `OUT/select.md`, `OUT/select.png`, each written atomically.
@@ -47,6 +49,11 @@ DEFAULT_CANDIDATES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_
 DEFAULT_SIZES = (96, 128, 160, 224)
 #: the calibration preset of the latency measurement (latency does not depend on the ranges it sets)
 CALIBRATION = "quick"
+#: images that set the INT8 ranges of a model that is only timed: the preset's selection, this many
+#: (at least one per class); the ranges are not fit to ship, the graph and so the latency are the same
+TIMING_CALIBRATION_IMAGES = 8
+#: bumped when what `_measure_latency` builds changes, so that candidates built before are rebuilt
+_LATENCY_RECIPE = 2
 PROBE_FOLDS = 5
 RESIZE = "letterbox"           # train's default geometry: the one the recommended command trains with
 SELECT_FILES = ("select.json", "select.md", "select.png")
@@ -142,8 +149,10 @@ METHOD = {
     "logme": "LogME (You et al., ICML 2021): log marginal evidence per image of a Bayesian linear model from the "
              "raw features to each class's one-hot target at the fixed point of alpha and beta, averaged over classes",
     "latency": "the backbone with an untrained head for these classes (latency does not depend on the head's "
-               "values), exported to ONNX, INT8 with the 'quick' calibration preset (no fp32 fallback layers, compiler "
-               "not in the quantization loop), compiled for the target, batch 1, p50 of bench.measure after warm-up",
+               "values), exported to ONNX, quantized for timing only with the target's quantizer and scheme (the "
+               "same QDQ graph as `edgetransfer quantize`; ranges from 8 images of the 'quick' preset's selection, "
+               "at least one per class, no NNCF bias correction, no accuracy measured, no fp32 fallback layers: "
+               "not a model to ship), compiled for the target, batch 1, p50 of bench.measure after warm-up",
     "recommendation": "the candidates within the latency budget (all measured ones without a budget); of those "
                       "whose predicted accuracy is within one standard error of the best, the fastest",
 }
@@ -320,14 +329,62 @@ def _prepare_candidate(folder: Path, meta: Any, model_factory: Any) -> None:
                                 "head; not a trained model"})
 
 
-def _measure_latency(cand: Candidate, folder: Path, target: Any, size: int, bench_seconds: float) -> None:
+def _quantize_for_timing(folder: Path, target: Any, splits: Any) -> None:
+    """`RUN/<target>/model.int8.onnx` for timing only: the target's quantizer with the target's scheme
+    (`Quantizer.quantize`, the tool `edgetransfer quantize` runs, with the same graph edits), so the
+    QDQ graph is the one a trained model of this backbone gets; but its ranges come from
+    `TIMING_CALIBRATION_IMAGES` images and NNCF's bias correction is off (both set values, not
+    nodes: tests/test_select.py compares the graphs), and nothing is measured against fp32 — the
+    head is untrained. `calibration.json` and `quantization.json` say so.
+
+    A profile whose quantizer is `auto` picks its tool by agreement with fp32, which an untrained
+    head cannot tell: that one goes through `stages.quantize_run` as before.
+    """
+    from ..data.calibration import select_calibration
+    from ..export import ONNX_FILE
+    from ..quantize.quantizers import select_quantizers
+    from ..spec import RunMeta
+    from ..stages import INT8_FILE, load_arrays, quantize_run, target_dir
+    from ..targets import load_calibration
+
+    scheme = target.quantization
+    if scheme.quantizer == "auto":
+        quantize_run(folder, target, calib=CALIBRATION, compiler_in_loop=False)
+        return
+    [quantizer] = select_quantizers(scheme.quantizer)
+    base = load_calibration(CALIBRATION)
+    preset = replace(base, samples=max(TIMING_CALIBRATION_IMAGES, len(splits.classes)), min_per_class=1)
+    chosen = select_calibration(splits, preset)
+    if not chosen.samples:
+        raise UsageError("no calibration images in the train/val splits", path=splits.root)
+    meta = RunMeta.load(folder / "meta.json")
+    out = target_dir(folder, target)
+    out.mkdir(parents=True, exist_ok=True)
+    purpose = ("latency timing only (`edgetransfer select`): these images set the INT8 ranges of a model with an "
+               "untrained head that is compiled and timed, never shipped; latency does not depend on the ranges")
+    write_json(out / "calibration.json", {**chosen.record, "purpose": purpose})
+    started = time.perf_counter()
+    with quantizer:
+        quantizer.quantize(folder / ONNX_FILE, out / INT8_FILE, scheme=scheme, preset=preset,
+                           calibration=load_arrays(chosen.samples, meta.input_spec, description="calibration images"),
+                           bias_correction=False)
+    write_json(out / "quantization.json", {
+        "purpose": purpose, "quantizer": quantizer.name, "calibration": {"preset": base.name, "images": len(chosen.samples)},
+        "bias_correction": False, "fallback": [], "accuracy": None,
+        "note": "no accuracy or agreement measured: the head is untrained; quantize a trained run with "
+                "`edgetransfer quantize` for a model to validate and ship",
+        "seconds": round(time.perf_counter() - started, 2)})
+
+
+def _measure_latency(cand: Candidate, folder: Path, target: Any, size: int, bench_seconds: float,
+                     splits: Any) -> None:
     """Quantize (quick preset), compile and time the candidate on the target; or, where the target's
     backend cannot run here, its preflight verdict. Fills the candidate's latency fields. Artifacts a
     previous run made for the same profile are reused (`load_compiled` checks their hashes) and only
     timed again."""
     from ..bench import measure
     from ..errors import IntegrityError
-    from ..stages import check_run, compile_run, load_compiled, quantize_run, target_backend, target_dir
+    from ..stages import check_run, compile_run, load_compiled, target_backend, target_dir
 
     backend = target_backend(target, require=False)
     reason = backend.available()
@@ -339,7 +396,7 @@ def _measure_latency(cand: Candidate, folder: Path, target: Any, size: int, benc
         if folder_t.exists():
             shutil.rmtree(folder_t)
         if target.quantized:
-            quantize_run(folder, target, calib=CALIBRATION, compiler_in_loop=False)
+            _quantize_for_timing(folder, target, splits)
         if reason is None:
             compile_run(folder, target)
 
@@ -386,7 +443,8 @@ def _measure_latency(cand: Candidate, folder: Path, target: Any, size: int, benc
 def _profile_record(target: Any) -> dict[str, Any]:
     from ..schema import to_dict
 
-    return json.loads(json.dumps({"profile": to_dict(target), "calibration": CALIBRATION}))
+    return json.loads(json.dumps({"profile": to_dict(target), "calibration": CALIBRATION,
+                                  "timing_images": TIMING_CALIBRATION_IMAGES, "recipe": _LATENCY_RECIPE}))
 
 
 def _read_json(path: Path) -> Any:
@@ -470,8 +528,8 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
         cand.probe_l2, cand.probe_folds = probe.l2, probe.folds
         cand.logme = round(logme(features, labels).value, 5)
         cand.seconds["scores"] = round(time.perf_counter() - t1, 1)
-        log.info("[%d/%d] %s: predicted accuracy %.3f ± %.3f, LogME %.4f; now its latency on %s (untrained head: "
-                 "the quantization stage's accuracy figures for it mean nothing)", i, len(pairs), cand.label,
+        log.info("[%d/%d] %s: predicted accuracy %.3f ± %.3f, LogME %.4f; now its latency on %s (untrained head, "
+                 "INT8 ranges from a few images: a model for timing only)", i, len(pairs), cand.label,
                  cand.predicted_accuracy, cand.standard_error, cand.logme, tgt.name)
         t2 = time.perf_counter()
         meta = RunMeta(classes=splits.classes, input_spec=InputSpec.from_dict(info["input_spec"]), backbone=name,
@@ -481,7 +539,7 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
                        metrics={"note": "untrained head: written by `edgetransfer select` for latency only"})
         try:
             _prepare_candidate(Path(cand.folder), meta, factory)
-            _measure_latency(cand, Path(cand.folder), tgt, size, bench_seconds)
+            _measure_latency(cand, Path(cand.folder), tgt, size, bench_seconds, splits)
         except (UsageError, GateFailed) as exc:  # this candidate cannot be lowered; the others still can
             log.error("%s: %s", cand.label, exc)
             cand.error = str(exc)
