@@ -605,7 +605,9 @@ def verify_cmd(bundle: Path, expect: str | None, hashes_only: bool, allow_failed
 @click.argument("source")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after N frames (cameras run until then).")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, help="Video: keep one frame in N.")
-def infer_cmd(bundle: Path, source: str, max_frames: int | None, every: int) -> None:
+@click.option("--overlays", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Anomaly bundles: write each frame's anomaly map over the image, as PNGs in this folder.")
+def infer_cmd(bundle: Path, source: str, max_frames: int | None, every: int, overlays: Path | None) -> None:
     """Predict on SOURCE (image, folder, video file, or camera:N): JSON lines on stdout, a summary on stderr."""
     import json
 
@@ -616,7 +618,8 @@ def infer_cmd(bundle: Path, source: str, max_frames: int | None, every: int) -> 
     summary = InferSummary()
     with open_bundle(bundle) as model:
         _print_warnings(model.warnings)
-        for record in infer_frames(model, iter_frames(source, max_frames=max_frames, every=every), summary):
+        for record in infer_frames(model, iter_frames(source, max_frames=max_frames, every=every), summary,
+                                   overlays=overlays):
             click.echo(json.dumps(record))
     s = summary.to_dict()
     _table(f"infer summary ({model.manifest['target']['name']}, {model.precision})", ["metric", "value"],

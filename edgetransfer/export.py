@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UsageError
 from .fsutil import atomic_path
-from .spec import InputSpec, RunMeta
+from .spec import ANOMALY_OUTPUTS, InputSpec, RunMeta
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,6 @@ OPSET = 18
 NATIVE_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-#: an anomaly scorer's outputs, in order (runners read the first)
-ANOMALY_OUTPUTS = ("score", "anomaly_map")
 META_PREFIX = "edgetransfer."
 
 
@@ -121,11 +119,13 @@ def _convert_opset(proto: Any, opset: int, target: Path) -> Any:
     import onnx
 
     if _default_opset(proto) != opset:
+        held = _hold_unchanged_nodes(proto, opset)
         try:
             proto = onnx.version_converter.convert_version(proto, opset)
         except Exception as exc:  # the converter raises RuntimeError from C++ for unsupported adaptations
             raise UsageError(f"the model cannot be expressed in opset {opset} ({exc})", path=target,
                              field="opset") from exc
+        _release_held_nodes(proto, held)
         for node in proto.graph.node:  # the converter keeps this opset-18 attribute; 0 is opset 17's behaviour
             for attr in [a for a in node.attribute if a.name == "noop_with_empty_axes" and opset < 18]:
                 if attr.i:
@@ -134,6 +134,39 @@ def _convert_opset(proto: Any, opset: int, target: Path) -> Any:
     if _default_opset(proto) != opset:
         raise UsageError(f"the exporter produced opset {_default_opset(proto)}, not {opset}", path=target, field="opset")
     return proto
+
+
+#: operators whose opset-18 form, used without the input opset 18 added, is their opset-11..17 form, for
+#: which ONNX's converter has no adapter (Pad-18 added `axes`, its 4th input: the anomaly scorer's
+#: reflect/edge padding has none). Value: how many inputs the older form takes.
+_UNCHANGED_BELOW_18 = {"Pad": 3}
+_HOLD_DOMAIN = "edgetransfer.held"
+
+
+def _hold_unchanged_nodes(proto: Any, opset: int) -> str | None:
+    """Move such nodes to a private domain so the converter leaves them as they are; None if none."""
+    import onnx
+
+    if opset >= 18 or opset < 11:
+        return None
+    nodes = [n for n in proto.graph.node if n.domain in ("", "ai.onnx")
+             and len([i for i in n.input if i]) <= _UNCHANGED_BELOW_18.get(n.op_type, -1)]
+    if not nodes:
+        return None
+    for n in nodes:
+        n.domain = _HOLD_DOMAIN
+    proto.opset_import.append(onnx.helper.make_opsetid(_HOLD_DOMAIN, 1))
+    return _HOLD_DOMAIN
+
+
+def _release_held_nodes(proto: Any, held: str | None) -> None:
+    if held is None:
+        return
+    for n in proto.graph.node:
+        if n.domain == held:
+            n.domain = ""
+    for o in [o for o in proto.opset_import if o.domain == held]:
+        proto.opset_import.remove(o)
 
 
 def _default_opset(proto: Any) -> int | None:

@@ -23,6 +23,8 @@ _RESIZE_MODES = ("shorter_center_crop", "stretch", "letterbox")
 RESIZE_POLICIES: dict[str, ResizeMode] = {"crop": "shorter_center_crop", "stretch": "stretch", "letterbox": "letterbox"}
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TASKS = ("classification", "anomaly")
+#: an anomaly scorer's outputs, in graph order (`Runner.infer` hands back the first)
+ANOMALY_OUTPUTS = ("score", "anomaly_map")
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ def validate(run: str | Path, data: str | Path | None = None, *, target: str | P
     if meta.task == "anomaly":
         from .anomaly.validate import score_report
 
-        return score_report(run, meta, tgt, m, source)
+        return score_report(run, meta, tgt, m, source, samples)
     logits, labels, sides, deployed = m.outputs, m.labels, m.sides, m.deployed
     pairs = _pairs(sides, logits, labels, tgt, run)
     pairs.append(compare(f"dynamic batch: {deployed.runner.description} batch 1 vs {m.batch_max}",

@@ -164,6 +164,10 @@ def test_int8_keeps_the_distances_fp32_and_validate_judges_scores(anomaly_run, t
     assert data["summary"]["task"] == "anomaly" and data["artifact_files"]
     assert report.pairs[0].decision_agreement == 1.0  # export fidelity
     assert (run / "x86-onnxruntime" / "parity.png").stat().st_size > 0
+    # the worst disagreements are named, and drawn with both sides' maps
+    worst = data["context"]["worst disagreements (parity_maps.png)"].split("; ")
+    assert len(worst) == min(5, data["context"]["samples"])
+    assert (run / "x86-onnxruntime" / "parity_maps.png").stat().st_size > 0
 
     # ship it: the golden set is judged by scores, the device runtime answers score + decision
     from edgetransfer.bundle import verify_bundle, write_bundle
@@ -179,11 +183,100 @@ def test_int8_keeps_the_distances_fp32_and_validate_judges_scores(anomaly_run, t
     image = next((tiny_data_dir(run) / "test" / "hole").glob("*.png"))
     session = ort.InferenceSession(str(run / "x86-onnxruntime" / "model.onnx"), providers=["CPUExecutionProvider"])
     x = preprocess(load_image(image), load_meta(run).input_spec)[None]
-    expected = float(session.run(None, {"input": x})[0][0])
+    score, heat = session.run(None, {"input": x})
+    expected = float(score[0])
     with open_bundle(shipped.folder) as model:
         p = model.predict(image)
     assert p.score == pytest.approx(expected, rel=1e-5)
     assert p.label == ("defect" if expected >= 0.5 else "ok") and p.index == int(expected >= 0.5)
+    assert p.anomaly_map.shape == x.shape[2:]  # the map comes with the score, over the model's input
+    np.testing.assert_allclose(p.anomaly_map, heat[0], rtol=1e-5, atol=1e-6)
+
+    # infer writes one overlay per frame and names it in the frame's record
+    folder = tiny_data_dir(run) / "test" / "hole"
+    pictures = tmp_path / "overlays"
+    result = CliRunner().invoke(main, ["infer", str(shipped.folder), str(folder), "--overlays", str(pictures)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == len(list(folder.glob("*.png"))) and len({r["overlay"] for r in records}) == len(records)
+    from PIL import Image
+
+    for r in records:
+        with Image.open(r["overlay"]) as im:
+            assert im.size == (x.shape[3], x.shape[2])
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(Path(r["overlay"]).name for r in records)
+
+
+def test_the_worst_disagreements_are_the_flipped_decisions_first():
+    from edgetransfer.anomaly.validate import worst_disagreements
+
+    reference = np.array([0.10, 0.45, 0.90, 0.20, 0.55, 0.30])
+    deployed = np.array([0.40, 0.52, 0.91, 0.21, 0.49, 0.31])  # 1 and 4 flip (small Δ); 0 moves most, same side
+    assert worst_disagreements(reference, deployed, count=3) == [1, 4, 0]
+
+
+def test_an_overlay_is_red_where_the_map_is_hot_and_blue_where_it_is_cold():
+    from PIL import Image
+
+    from edgetransfer.runtime.overlay import overlay
+
+    view = Image.new("RGB", (40, 30), (128, 128, 128))
+    heat = np.zeros((30, 40), dtype=np.float32)
+    heat[15:25, 20:35] = 1.0
+    picture = np.asarray(overlay(view, heat, score=0.9, label="defect"))
+    hot, cold = picture[20, 27], picture[25, 5]
+    assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60
+    with pytest.raises(ValueError, match="cannot lie over"):
+        overlay(view, heat.T, score=0.9, label="defect")
+
+
+def test_openvino_hands_back_every_output_of_the_scorer_by_name(anomaly_run, tmp_path):
+    from edgetransfer.backends import get_backend
+    from edgetransfer.targets import load_target
+
+    run = tmp_path / "run"
+    shutil.copytree(anomaly_run.run, run)
+    if not (run / "model.onnx").exists():
+        from edgetransfer.export import export_onnx
+
+        export_onnx(run)
+    backend = get_backend("openvino")
+    if (why := backend.available()) is not None:
+        pytest.skip(why)
+    xml = backend.compile(run / "model.onnx", load_target("intel-cpu"), tmp_path / "ov")
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    expected = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    with backend.load(xml) as runner:
+        outs = runner.infer_outputs(x)
+        first = runner.infer(x)
+    assert list(outs) == ["score", "anomaly_map"]
+    np.testing.assert_allclose(outs["score"], expected[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(outs["anomaly_map"], expected[1], rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(first, outs["score"])
+
+
+def test_the_scorer_graph_passes_tensorrt_preflight_at_opset_17_and_18(anomaly_run, tmp_path):
+    """Reflect/edge Pad, ReduceMin/Max over the bank, MatMul: every op on TensorRT 8.5's and 10's tables;
+    TensorRT 8.5 (Xavier NX) reads opset 17, to which ONNX's converter has no Pad adapter of its own."""
+    from edgetransfer.backends.tensorrt.preflight import preflight
+    from edgetransfer.export import export_onnx
+    from edgetransfer.targets import load_target
+
+    run = tmp_path / "run"
+    shutil.copytree(anomaly_run.run, run)
+    x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    answers = {}
+    for opset, target in ((18, "jetson-orin-nano"), (17, "jetson-xavier-nx")):
+        path = export_onnx(run, out=tmp_path / f"model{opset}.onnx", opset=opset)
+        model = onnx.load(str(path))
+        assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset
+        assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+        report = preflight(path, load_target(target))
+        assert report.passed, report.to_markdown()
+        assert {"Pad", "MatMul", "ReduceMin"} <= {r.op for r in report.operators}
+        answers[opset] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    for a, b in zip(answers[17], answers[18]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def tiny_data_dir(run: Path) -> Path:

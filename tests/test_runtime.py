@@ -186,3 +186,12 @@ def test_the_runtime_imports_no_workstation_module():
     for workstation in ("edgetransfer.bundle", "edgetransfer.validate", "edgetransfer.stages", "edgetransfer.quantize",
                         "edgetransfer.export", "edgetransfer.adapt", "torch"):
         assert workstation not in loaded, f"{workstation} imported by the device runtime: {sorted(loaded)}"
+
+
+def test_overlays_from_a_classifier_bundle_are_refused_before_any_frame(bundles, tiny_data, tmp_path):
+    out = tmp_path / "overlays"
+    result = CliRunner().invoke(main, ["infer", str(bundles["x86-onnxruntime"]), str(tiny_data / "test"),
+                                       "--overlays", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "anomaly bundle" in result.output and not out.exists()
+    assert not [line for line in result.stdout.splitlines() if line.startswith("{")]

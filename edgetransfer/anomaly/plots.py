@@ -48,7 +48,8 @@ def score_histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray, path:
     return _save(fig, path)
 
 
-def map_overlays(images: list[np.ndarray], maps: list[np.ndarray], titles: list[str], path: Path) -> Path | None:
+def map_overlays(images: list[np.ndarray], maps: list[np.ndarray], titles: list[str], path: Path, *,
+                 columns: int = 5) -> Path | None:
     """Each image (H×W×3, 0..1) with its anomaly map on top (0.5 = the threshold, clipped at 1)."""
     if importlib.util.find_spec("matplotlib") is None or not images:
         return None
@@ -57,7 +58,7 @@ def map_overlays(images: list[np.ndarray], maps: list[np.ndarray], titles: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(len(images), 5)
+    cols = min(len(images), columns)
     rows = -(-len(images) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.ravel():

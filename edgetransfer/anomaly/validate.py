@@ -1,13 +1,19 @@
 """The validate stage for an anomaly run: `validate.measure_sides` runs every side on the held-out
 images; this judges their scores (`parity.compare_scores`) and writes parity.json / parity.md /
-parity.png (score histograms of good vs defective parts per side) where a classifier's would go."""
+parity.png (score histograms of good vs defective parts per side) where a classifier's would go, and
+parity_maps.png: the images the deployed model disagrees with fp32 about most, each with both maps, so
+a person can see *where* INT8 moved the score, not only by how much."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..data.folder import Sample
 from ..fsutil import write_json, write_text
 from ..parity import FP32_GATES, Gates
 from ..spec import RunMeta
@@ -38,7 +44,48 @@ def _gates(pair: tuple[str, str], tgt: Target | None) -> Gates:
     return tgt.gates.compiler.gates()
 
 
-def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, source: str) -> ScoreParityReport:
+#: how many of the worst disagreements parity_maps.png shows
+WORST = 5
+
+
+def worst_disagreements(reference: np.ndarray, deployed: np.ndarray, count: int = WORST) -> list[int]:
+    """Indices of the images to look at first: those on different sides of the threshold, then the
+    largest |Δscore|; each group by |Δscore|, largest first."""
+    flipped = (reference >= NORMALISED_THRESHOLD) != (deployed >= NORMALISED_THRESHOLD)
+    delta = np.abs(reference - deployed)
+    order = np.lexsort((-delta, ~flipped))
+    return [int(i) for i in order[:count]]
+
+
+def _map_figure(m: Measured, samples: Sequence[Sample], chosen: list[int], meta: RunMeta, path: Path) -> Path | None:
+    """Reference (top row) and deployed (bottom row) maps over the `chosen` images, run again through
+    the same two runners on just those images."""
+    from ..stages import iter_batches
+    from .plots import map_overlays
+
+    ref, dep = m.outputs["torch"], m.outputs[m.deployed.key]
+    x, _ = next(iter_batches([samples[i] for i in chosen], meta.input_spec, len(chosen), description="maps"))
+    maps = {}
+    for key in ("torch", m.deployed.key):
+        with m.sides[key].runner as runner:
+            out = runner.infer_outputs(x)
+        maps[key] = list(out.values())[1] if len(out) > 1 else None
+    if any(v is None for v in maps.values()):
+        log.info("a side returned no anomaly map: %s not drawn", path)
+        return None
+    mean, std = np.array(meta.input_spec.mean)[:, None, None], np.array(meta.input_spec.std)[:, None, None]
+    views = [np.clip((xi * std + mean).transpose(1, 2, 0), 0, 1) for xi in x]
+    if meta.input_spec.color_order == "BGR":
+        views = [v[..., ::-1] for v in views]
+    names = [meta.classes[samples[i].label] for i in chosen]
+    titles = [f"{n}: fp32 {ref[i]:.2f}" for n, i in zip(names, chosen)]
+    titles += [f"{n}: {m.deployed.runner.precision.split(' ')[0]} {dep[i]:.2f}" for n, i in zip(names, chosen)]
+    return map_overlays(views + views, list(maps["torch"]) + list(maps[m.deployed.key]), titles, path,
+                        columns=len(chosen))
+
+
+def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, source: str,
+                 samples: Sequence[Sample]) -> ScoreParityReport:
     good = good_index(meta.classes, meta.anomaly.get("good", "ok"))
     anomalous = m.labels != good
     scores, deployed = m.outputs, m.deployed
@@ -67,6 +114,9 @@ def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, sour
     report = ScoreParityReport(classes=meta.classes, pairs=pairs, context=report_context(run, meta, tgt, source, m),
                                latency=m.latency.to_dict(), summary=summary)
     report.context["task"] = f"anomaly: good class '{meta.classes[good]}', every other class defective"
+    worst = worst_disagreements(ref, dep)
+    report.context["worst disagreements (parity_maps.png)"] = "; ".join(
+        f"{samples[i].path.parent.name}/{samples[i].path.name} {ref[i]:.3f} -> {dep[i]:.3f}" for i in worst)
     if tgt is not None:
         from ..stages import checked_artifact_files
 
@@ -79,7 +129,8 @@ def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, sour
 
     score_histograms({m.sides[k].runner.description + f" ({m.sides[k].runner.precision})": v
                       for k, v in scores.items()}, anomalous, out / "parity.png")
+    _map_figure(m, samples, worst, meta, out / "parity_maps.png")
     return report
 
 
-__all__ = ["score_report"]
+__all__ = ["score_report", "worst_disagreements"]

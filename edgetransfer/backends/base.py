@@ -35,7 +35,13 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """NCHW float32 batch in, (N, classes) float32 logits out."""
+        """NCHW float32 batch in, the model's first output out: (N, classes) logits, or an anomaly
+        scorer's (N,) scores. Comparisons and timing use this one."""
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by its graph name, in graph order (an anomaly scorer's map as well as its
+        score). A backend whose models have one output need not fill this in."""
+        return {"output": self.infer(batch)}
 
 
 #: the record a backend's on-device build kit writes next to what it packs (`Backend.build_kit`)

@@ -55,12 +55,17 @@ class OnnxRuntimeRunner(Runner):
             raise IntegrityError(f"ONNX Runtime cannot load the model ({exc})", path=self.path) from exc
         self.precision = onnx_precision(self.path)
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def deactivate(self) -> None:
         self.session = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(self.output_names, outs))
 
 
 class OnnxRuntimeBackend(Backend):

@@ -170,6 +170,14 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _output_name(port: Any, index: int) -> str:
+    """The ONNX output name OpenVINO kept for an output port (`output<i>` if it kept none)."""
+    try:
+        return port.get_any_name()
+    except RuntimeError:
+        return f"output{index}"
+
+
 class OpenVinoRunner(Runner):
     """Compiles the IR for its device on `activate`; releases the compiled model on `deactivate`."""
 
@@ -256,6 +264,9 @@ class OpenVinoRunner(Runner):
         self.compiled = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return next(iter(self.infer_outputs(batch).values()))
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self.request is None:
             raise RuntimeError("OpenVinoRunner is not active: call infer inside `with backend.load(...) as runner:`")
         x = np.ascontiguousarray(batch, dtype=self.input_dtype)
@@ -272,12 +283,13 @@ class OpenVinoRunner(Runner):
             k = chunk.shape[0]
             if k < lo:
                 chunk = np.concatenate([chunk, np.zeros((lo - k, *chunk.shape[1:]), dtype=chunk.dtype)])
-            outs.append(self._run(chunk)[:k])
-        return np.concatenate(outs)
+            outs.append({name: v[:k] for name, v in self._run(chunk).items()})
+        return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         result = self.request.infer({0: x})
-        return np.array(result[self.compiled.outputs[0]], dtype=np.float32, copy=True)
+        return {_output_name(port, i): np.array(result[port], dtype=np.float32, copy=True)
+                for i, port in enumerate(self.compiled.outputs)}
 
 
 class OpenVinoBackend(Backend):

@@ -30,14 +30,21 @@ class TorchRunner(Runner):
         self.model = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return next(iter(self.infer_outputs(batch).values()))
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Named as the export names them: `logits`, or an anomaly scorer's `score` and `anomaly_map`."""
         import torch
+
+        from ..export import OUTPUT_NAME
+        from ..spec import ANOMALY_OUTPUTS
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             out = self.model(x)
-            if isinstance(out, tuple):  # an anomaly scorer: (score, map); runners return the first output
-                out = out[0]
-            return out.float().cpu().numpy()
+        if isinstance(out, tuple):
+            return {name: o.float().cpu().numpy() for name, o in zip(ANOMALY_OUTPUTS, out)}
+        return {OUTPUT_NAME: out.float().cpu().numpy()}
 
 
 class TorchBackend(Backend):

@@ -6,16 +6,19 @@ not stop on one bad file); the summary counts them and the CLI exits 2 when ther
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from .model import BundleModel
+from .overlay import overlay, write_overlay
 from .sources import SourceFrame
 
 
@@ -48,17 +51,36 @@ class InferSummary:
                 "cold_start_ms": _r(self.cold_start_ms) if self.cold_start_ms is not None else None}
 
 
+def _stem(f: SourceFrame) -> str:
+    """A file-name-safe name for a frame: the image's stem, or the video/camera name and frame number."""
+    stem = Path(f.source).stem if f.frame is None else f"{Path(f.source).stem}-{f.frame}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "frame"
+
+
 def _r(v: float) -> float | None:
     return None if not np.isfinite(v) else round(float(v), 3)
 
 
-def infer_frames(model: BundleModel, frames: Iterator[SourceFrame], summary: InferSummary) -> Iterator[dict[str, Any]]:
-    """Predict every frame; yield its record (source, frame, class, score, latency) and add it to `summary`."""
+def infer_frames(model: BundleModel, frames: Iterator[SourceFrame], summary: InferSummary, *,
+                 overlays: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Predict every frame; yield its record (source, frame, class, score, latency) and add it to `summary`.
+
+    With `overlays` (an anomaly bundle only): each frame's anomaly map over the model's view of it is
+    written to `overlays/<n>-<name>.png` and the record names the file.
+    """
+    if overlays is not None and model.task != "anomaly":
+        raise UsageError("overlay pictures need an anomaly bundle (this one is a classifier: it has no map)",
+                         field="--overlays")
     start = time.perf_counter()
-    for f in frames:
+    for n, f in enumerate(frames):
         record: dict[str, Any] = {"source": f.source, "frame": f.frame}
         try:
-            record.update(model.predict(f.data, color=f.color).to_dict())
+            p = model.predict(f.data, color=f.color)
+            record.update(p.to_dict())
+            if overlays is not None and p.anomaly_map is not None:
+                name = f"{n:06d}-{_stem(f)}.png"
+                picture = overlay(model.view(f.data, color=f.color), p.anomaly_map, score=p.score, label=p.label)
+                record["overlay"] = str(write_overlay(picture, overlays / name))
         except DataError as exc:
             record["error"] = str(exc)
         if summary.cold_start_ms is None and "error" not in record:

@@ -20,8 +20,8 @@ from PIL import Image
 from ..backends import get_backend
 from ..bundleformat import MANIFEST, build_target, check_files, extract_archive, kit_instructions, ran_precision, read_manifest
 from ..errors import DependencyError, UsageError
-from ..preprocess import load_image, preprocess
-from ..spec import InputSpec
+from ..preprocess import load_image, preprocess, resize_and_crop, to_rgb
+from ..spec import ANOMALY_OUTPUTS, InputSpec
 
 ColorOrder = Literal["RGB", "BGR"]
 Frame = Image.Image | np.ndarray | str | Path
@@ -30,7 +30,8 @@ Frame = Image.Image | np.ndarray | str | Path
 @dataclass(frozen=True)
 class Prediction:
     """The top class for one frame, its softmax score, and what it cost. From an anomaly bundle: the
-    anomaly score (the threshold is 0.5), `label` "defect" or the good class, `index` 1 or 0."""
+    anomaly score (the threshold is 0.5), `label` "defect" or the good class, `index` 1 or 0, and the
+    anomaly map over the model's input (H×W, same scale: 0.5 is the threshold)."""
 
     index: int
     label: str
@@ -38,6 +39,7 @@ class Prediction:
     latency_ms: float        # the backend's inference call
     preprocess_ms: float     # decode (for files), resize, crop, normalise
     logits: np.ndarray
+    anomaly_map: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"class": self.label, "index": self.index, "score": round(self.score, 6),
@@ -113,8 +115,17 @@ class BundleModel:
         return preprocess(to_image(frame, color), self.input_spec)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed NCHW batch → logits."""
+        """Preprocessed NCHW batch → logits (an anomaly bundle: scores)."""
         return self.runner.infer(batch)
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed NCHW batch → every output by name (an anomaly bundle: `score`, `anomaly_map`)."""
+        return self.runner.infer_outputs(batch)
+
+    def view(self, frame: Frame, *, color: ColorOrder = "RGB") -> Image.Image:
+        """The pixels the model sees (resized and cropped as the manifest says, before normalising):
+        what an anomaly map lies over."""
+        return resize_and_crop(to_rgb(to_image(frame, color)), self.input_spec)
 
     def predict(self, frame: Frame, *, color: ColorOrder = "RGB") -> Prediction:
         """Top class of one frame (a path, a PIL image, or a uint8 array whose channels are in `color` order)."""
@@ -124,13 +135,21 @@ class BundleModel:
         t0 = time.perf_counter()
         x = np.stack([self.preprocess(f, color) for f in frames])
         t1 = time.perf_counter()
+        if self.task == "anomaly":  # one score and one map per frame, normalised so that the threshold is 0.5
+            outs = self.infer_outputs(x)
+            t2 = time.perf_counter()
+            n = len(frames)
+            first = list(outs.values())  # by name where the backend kept the export's names, else by position
+            scores = np.asarray(outs.get(ANOMALY_OUTPUTS[0], first[0])).reshape(-1)
+            maps = outs.get(ANOMALY_OUTPUTS[1], first[1] if len(first) > 1 else None)
+            return [Prediction(index=int(s >= 0.5), label="defect" if s >= 0.5 else self.good, score=float(s),
+                               latency_ms=(t2 - t1) * 1e3 / n, preprocess_ms=(t1 - t0) * 1e3 / n,
+                               logits=np.array([s], dtype=np.float32),
+                               anomaly_map=None if maps is None else np.asarray(maps[i], dtype=np.float32))
+                    for i, s in enumerate(scores)]
         logits = self.infer(x)
         t2 = time.perf_counter()
         n = len(frames)
-        if self.task == "anomaly":  # one score per frame, normalised so that the threshold is 0.5
-            return [Prediction(index=int(s >= 0.5), label="defect" if s >= 0.5 else self.good, score=float(s),
-                               latency_ms=(t2 - t1) * 1e3 / n, preprocess_ms=(t1 - t0) * 1e3 / n,
-                               logits=np.array([s], dtype=np.float32)) for s in np.asarray(logits).reshape(-1)]
         probs = _softmax(logits)
         out = []
         for row, p in zip(logits, probs):

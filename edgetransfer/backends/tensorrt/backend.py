@@ -57,25 +57,30 @@ class TensorRTRunner(Runner):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         modes = {n: self.engine.get_tensor_mode(n) for n in names}
         self.input = next(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
+        self.outputs = [n for n in names if modes[n] == trt.TensorIOMode.OUTPUT]
         self.stream = torch.cuda.Stream()
 
     def deactivate(self) -> None:
         self.context = self.engine = None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return next(iter(self.infer_outputs(batch).values()))
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
         self.context.set_input_shape(self.input, tuple(x.shape))
-        y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(self.input, x.data_ptr())
-        self.context.set_tensor_address(self.output, y.data_ptr())
+        ys = {}
+        for name in self.outputs:  # shapes known once the input shape is set
+            ys[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(name, ys[name].data_ptr())
         with torch.cuda.stream(self.stream):
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()
-        return y.cpu().numpy()
+        return {name: y.cpu().numpy() for name, y in ys.items()}
 
 
 class TensorRTBackend(Backend):
