@@ -276,6 +276,7 @@ def test_select_end_to_end(tiny_data, tmp_path, monkeypatch):
     assert (out / "select.png").stat().st_size > 0 and "| 1 | **efficientnet_lite0** | 64 |" in \
         (out / "select.md").read_text()
     assert "quantized for timing only" in (out / "select.md").read_text()
+    assert {"embed", "scores", "export", "quantize", "compile", "time", "latency", "total"} <= set(cand["seconds"])
     calibration = json.loads((out / "candidates" / "efficientnet_lite0-64" / "x86-onnxruntime" /
                               "calibration.json").read_text())
     assert "timing only" in calibration["purpose"] and calibration["count"] == TIMING_CALIBRATION_IMAGES
@@ -286,6 +287,7 @@ def test_select_end_to_end(tiny_data, tmp_path, monkeypatch):
     rerun = json.loads((out / "select.json").read_text())
     assert rerun["recommendation"]["status"] == "over_budget" and rerun["train_command"] is None
     assert rerun["candidates"][0]["seconds"]["embed"] == 0.0  # embeddings from the cache
+    assert "quantize" not in rerun["candidates"][0]["seconds"]  # the compiled candidate too: only timed again
     assert rerun["candidates"][0]["predicted_accuracy"] == cand["predicted_accuracy"]
 
     jetson = CliRunner().invoke(main, [*args, "--target", "jetson-orin-nano", "--latency-budget", "5"])

@@ -83,6 +83,8 @@ class Candidate:
     folder: str | None = None                  # OUT/candidates/<backbone>-<size>
     on_front: bool = False
     within_budget: bool | None = None
+    #: embed, scores, export, quantize, compile, time (the bench window), latency (export to timed),
+    #: total; a step reused from an earlier run in the same OUT is 0 or absent
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -395,10 +397,14 @@ def _measure_latency(cand: Candidate, folder: Path, target: Any, size: int, benc
     def build() -> None:
         if folder_t.exists():
             shutil.rmtree(folder_t)
+        started = time.perf_counter()
         if target.quantized:
             _quantize_for_timing(folder, target, splits)
+            cand.seconds["quantize"] = round(time.perf_counter() - started, 1)
         if reason is None:
+            started = time.perf_counter()
             compile_run(folder, target)
+            cand.seconds["compile"] = round(time.perf_counter() - started, 1)
 
     if reason is not None:
         if not reuse:
@@ -427,9 +433,11 @@ def _measure_latency(cand: Candidate, folder: Path, target: Any, size: int, benc
             build()
             runner = load_compiled(folder, target)
         write_json(done, profile)
+        started = time.perf_counter()
         with runner:
             latency = measure(runner, (3, size, size), batch=1, warmup=5, iterations=30, min_seconds=bench_seconds)
             cand.precision = runner.precision
+        cand.seconds["time"] = round(time.perf_counter() - started, 1)
     except GateFailed as exc:  # the backend's preflight says it cannot build
         cand.preflight = {"passed": False, "errors": [str(exc)]}
         cand.latency_note = f"cannot build for {target.name}: {exc}"
@@ -539,6 +547,7 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
                        metrics={"note": "untrained head: written by `edgetransfer select` for latency only"})
         try:
             _prepare_candidate(Path(cand.folder), meta, factory)
+            cand.seconds["export"] = round(time.perf_counter() - t2, 1)
             _measure_latency(cand, Path(cand.folder), tgt, size, bench_seconds, splits)
         except (UsageError, GateFailed) as exc:  # this candidate cannot be lowered; the others still can
             log.error("%s: %s", cand.label, exc)
