@@ -22,7 +22,6 @@ backbone", has the result).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
