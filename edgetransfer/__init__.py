@@ -24,6 +24,8 @@ _API = {
     "SyntheticConfig": "edgetransfer.data.synthetic",
     "scan_dataset": "edgetransfer.data.folder",
     "list_backbones": "edgetransfer.backbones",
+    "select": "edgetransfer.select",
+    "SelectResult": "edgetransfer.select",
     "get_backend": "edgetransfer.backends",
     "InputSpec": "edgetransfer.spec",
     "RunMeta": "edgetransfer.spec",

@@ -718,6 +718,57 @@ def backbones(timm: bool, offline: bool, names: bool) -> None:
         click.echo(f"{rest} more without published weights (random init or --weights PATH); --names lists all")
 
 
+def _csv(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _csv_ints(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(ctx, param, value)]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers separated by commas, got {value!r}") from None
+
+
+@main.command("select")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="Target profile name or YAML path: where latency is measured.")
+@click.option("--candidates", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2", show_default=True,
+              callback=_csv, help="Backbones, comma-separated (see `edgetransfer backbones`); those without "
+                                  "pretrained weights on this machine are skipped with the reason.")
+@click.option("--sizes", default="96,128,160,224", show_default=True, callback=_csv_ints,
+              help="Input sizes in pixels, comma-separated.")
+@click.option("--latency-budget", "latency_budget_ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Milliseconds at batch 1 (p50) on the target; exit 1 when no candidate meets it.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, callback=_remember_run,
+              help="Folder for select.json / select.md / select.png and the caches (a rerun reuses them).")
+def select_cmd(data: Path, target: str, candidates: list[str], sizes: list[int], latency_budget_ms: float | None,
+               out: Path) -> None:
+    """Rank backbones x input sizes by transferability to the images in DATA (linear probe, LogME; train +
+    val images only) and by latency measured on the target; recommend one and print its train command."""
+    from .select import select
+    from .select.ranking import ranked
+
+    result = select(data, target=target, candidates=candidates, sizes=sizes, latency_budget_ms=latency_budget_ms,
+                    out=out)
+    rec = result.recommended
+    _table(f"candidates for {result.target}, best predicted accuracy first ({result.seconds:.0f} s)",
+           ["backbone", "input", "predicted acc", "± SE", "LogME", "latency b1 p50", "Pareto front", "note"],
+           [[("* " if c is rec else "") + c.backbone, c.size, f"{c.predicted_accuracy:.3f}", f"{c.standard_error:.3f}",
+             f"{c.logme:.4f}", "—" if c.latency_ms is None else f"{c.latency_ms:.2f} ms", "yes" if c.on_front else "",
+             c.latency_note or ""] for c in (result.candidates[i] for i in ranked(result.candidates))])
+    for s in result.skipped:
+        click.secho(f"skipped {s.backbone}: {s.reason}", fg="yellow", err=True)
+    _print_warnings(result.warnings)
+    if rec is not None:
+        click.echo(f"recommended: {result.recommendation.message}")
+        click.echo(f"train it:\n  {result.train_command}")
+    else:
+        click.secho(f"no recommendation: {result.recommendation.message}", fg="red", bold=True, err=True)
+    click.echo(f"report: {out / 'select.md'} (+ select.json, select.png)")
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--task", type=click.Choice(["defects", "marks"]), default="defects", show_default=True)

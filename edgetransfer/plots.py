@@ -89,3 +89,70 @@ def draw_parity_figure(report: ParityReport, pairs: dict[str, tuple[np.ndarray, 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     return fig
+
+
+def select_figure(result: Any, path: Path) -> Path | None:
+    """`select`'s picture: predicted accuracy against measured latency, the Pareto front highlighted."""
+    fig = draw_select_figure(result)
+    if fig is None:
+        log.info("matplotlib not installed: %s not drawn", path)
+        return None
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_select_figure(result: Any) -> Any:
+    """Each candidate a point (predicted accuracy ± one standard error vs batch-1 p50 latency on the
+    target); the Pareto front joined and filled, the others grey, the recommendation starred, the
+    budget a dashed line. Without any latency measured here (TensorRT off its device), predicted
+    accuracy against input size, one line per backbone. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cands = result.candidates
+    rec = result.recommended
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), layout="constrained")
+    timed = [c for c in cands if c.latency_ms is not None]
+    if timed:
+        others = [c for c in timed if not c.on_front]
+        front = sorted((c for c in timed if c.on_front), key=lambda c: c.latency_ms)
+        if others:
+            ax.errorbar([c.latency_ms for c in others], [c.predicted_accuracy for c in others],
+                        yerr=[c.standard_error for c in others], fmt="o", color="tab:gray", alpha=0.7,
+                        markersize=6, capsize=2, label="dominated")
+        ax.errorbar([c.latency_ms for c in front], [c.predicted_accuracy for c in front],
+                    yerr=[c.standard_error for c in front], fmt="o-", color="tab:blue", markersize=8, capsize=2,
+                    linewidth=1.5, label="Pareto front", gid="front")
+        for c in timed:
+            ax.annotate(f"{c.backbone.removeprefix('efficientnet_')} @ {c.size}", (c.latency_ms, c.predicted_accuracy),
+                        textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if rec is not None and rec.latency_ms is not None:
+            ax.plot([rec.latency_ms], [rec.predicted_accuracy], marker="*", markersize=18, color="tab:orange",
+                    linestyle="none", label=f"recommended: {rec.label}", zorder=5)
+        if result.latency_budget_ms is not None:
+            ax.axvline(result.latency_budget_ms, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"budget {result.latency_budget_ms:g} ms")
+        ax.set_xlabel(f"latency on {result.target}, batch 1 p50 (ms, measured here)")
+    else:
+        for name in dict.fromkeys(c.backbone for c in cands):
+            mine = sorted((c for c in cands if c.backbone == name), key=lambda c: c.size)
+            ax.errorbar([c.size for c in mine], [c.predicted_accuracy for c in mine],
+                        yerr=[c.standard_error for c in mine], fmt="o-", capsize=2, label=name)
+        if rec is not None:
+            ax.plot([rec.size], [rec.predicted_accuracy], marker="*", markersize=18, color="tab:orange",
+                    linestyle="none", label=f"recommended: {rec.label}", zorder=5)
+        ax.set_xlabel(f"input size (px); latency not measured here ({result.target} runs {result.backend} "
+                      "on its device)")
+    ax.set_ylabel("predicted accuracy (linear probe, CV)")
+    ax.set_title(f"backbone selection for {result.target}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

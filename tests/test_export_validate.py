@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from edgetransfer.adapt.checkpoint import load_model
 from edgetransfer.cli import main
 from edgetransfer.errors import DataError, UsageError
-from edgetransfer.export import export_onnx
+from edgetransfer.export import export_module, export_onnx
 from edgetransfer.preprocess import load_image, preprocess
 from edgetransfer.spec import InputSpec, RunMeta
 from edgetransfer.validate import validate
@@ -96,6 +96,34 @@ def test_onnx_matches_torch_at_several_batch_sizes(exported_run, reference):
     ref = _torch_logits(exported_run, noise)
     assert ref.std(axis=0).max() > 1e-3
     np.testing.assert_allclose(sess.run(None, {name: noise})[0], ref, atol=1e-4, rtol=0)
+
+
+class _InplaceNet(torch.nn.Module):
+    """ReLU6(inplace=True) between layers, as in timm's EfficientNet-Lite; records what the tracer saw."""
+
+    def __init__(self, seen: list[bool]) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.ReLU6(inplace=True)
+        self.head = torch.nn.Linear(4, 3)
+        self.seen = seen  # not a module attribute the exporter could copy: the caller's own list
+
+    def forward(self, x):
+        self.seen.append(self.act.inplace)
+        return self.head(self.act(self.conv(x) * 4.0).mean((2, 3)))  # x4: some values clip at 6
+
+
+def test_export_traces_inplace_activations_out_of_place_and_puts_them_back(tmp_path):
+    seen: list[bool] = []
+    model = _InplaceNet(seen).eval()
+    onnx_path = export_module(model, InputSpec(height=16, width=16), tmp_path / "m.onnx")
+    assert seen and not any(seen)                                    # the exporter traced them out of place
+    assert model.act.inplace is True                                 # and the model is as it was
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert float(np.abs(expected).max()) > 0 and (model.conv(torch.from_numpy(x)) * 4.0 > 6).any()
+    np.testing.assert_allclose(_session(onnx_path).run(None, {"input": x})[0], expected, atol=1e-5)
 
 
 def test_export_of_a_folder_that_is_not_a_run_is_exit_2(tmp_path):

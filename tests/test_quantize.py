@@ -580,3 +580,29 @@ def test_float_ops_read_float_inputs_whichever_tool_quantized(residual_onnx, tmp
         "every convolution still reads INT8 activations"
     fp, q = logits(fp32, x), logits(out, x)
     assert 1e-4 < np.linalg.norm(fp - q) / np.linalg.norm(fp) < 0.05
+
+
+@pytest.mark.parametrize("quantizer", ["nncf", "onnxruntime"])
+def test_bias_correction_off_changes_bias_values_not_the_graph(fp32_onnx, data, tmp_path, quantizer):
+    """`bias_correction=False` (select's timing-only models): NNCF skips its bias correction, which moves
+    biases and nothing else; ONNX Runtime's quantizer has none, so its file is byte for byte the same."""
+    scheme = Quantization(quantizer=quantizer, activations="symmetric")
+    files = {}
+    for corrected in (True, False):
+        files[corrected] = tmp_path / f"q-{corrected}.onnx"
+        QUANTIZERS[quantizer]().quantize(fp32_onnx, files[corrected], scheme=scheme, preset=PRESET,
+                                         calibration=data["calibration"], bias_correction=corrected)
+    on, off = (onnx.load(str(files[c])) for c in (True, False))
+
+    def wiring(m: onnx.ModelProto) -> list:
+        return [(n.op_type, list(n.input), list(n.output), [str(a) for a in n.attribute]) for n in m.graph.node]
+
+    assert wiring(on) == wiring(off)
+    a, b = ({i.name: numpy_helper.to_array(i) for i in m.graph.initializer} for m in (on, off))
+    assert a.keys() == b.keys()
+    biases = {n.input[2] for n in on.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3}
+    moved = {k for k in a if not np.array_equal(a[k], b[k])}
+    if quantizer == "nncf":
+        assert moved and moved <= biases, moved - biases
+    else:
+        assert not moved

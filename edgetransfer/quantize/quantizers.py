@@ -48,19 +48,23 @@ class Quantizer(abc.ABC):
     @abc.abstractmethod
     def _quantize(self, fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
                   calibration: Sequence[np.ndarray], input_name: str, exclude: Sequence[str],
-                  float_weights: bool) -> None:
+                  float_weights: bool, bias_correction: bool) -> None:
         """Write the tool's own QDQ model to `out`.
 
         `float_weights`: keep weights as fp32 initializers behind a Q→DQ pair (the same numbers as int8
         initializers + DQ, but the fp32 values stay in the graph so one layer can be restored by a
-        graph edit while ranking sensitivity).
+        graph edit while ranking sensitivity). `bias_correction`: where the tool corrects biases for
+        the rounding of weights (NNCF), whether it does; it changes bias values, never the graph.
         """
 
     def quantize(self, fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
-                 calibration: Sequence[np.ndarray], exclude: Sequence[str] = (), float_weights: bool = False) -> None:
+                 calibration: Sequence[np.ndarray], exclude: Sequence[str] = (), float_weights: bool = False,
+                 bias_correction: bool = True) -> None:
         """Write a checked QDQ model to `out` (atomically) with the `exclude` layers in fp32 on fp32 inputs.
 
         The input model's metadata (class list, input spec) is carried over: tools drop or rewrite it.
+        `bias_correction=False` is for a file that is only timed (`edgetransfer select`): the same
+        graph, biases as the weights' rounding left them, a few seconds sooner.
         """
         import onnx
 
@@ -68,7 +72,8 @@ class Quantizer(abc.ABC):
         with tempfile.TemporaryDirectory(prefix="edgetransfer-quantize-") as tmp, _quiet(self.name):
             raw = Path(tmp) / "quantized.onnx"
             self._quantize(Path(fp32_onnx), raw, scheme=scheme, preset=preset, calibration=calibration,
-                           input_name=input_name(reference), exclude=list(exclude), float_weights=float_weights)
+                           input_name=input_name(reference), exclude=list(exclude), float_weights=float_weights,
+                           bias_correction=bias_correction)
             model = onnx.load(str(raw))
         # the float ops read float tensors whichever tool ran (NNCF leaves them so already; ONNX
         # Runtime's quantizer still puts its neighbours' Q→DQ pairs on their inputs)
@@ -124,7 +129,8 @@ class OnnxRuntimeQuantizer(Quantizer):
 
     def _quantize(self, fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
                   calibration: Sequence[np.ndarray], input_name: str, exclude: Sequence[str],
-                  float_weights: bool) -> None:
+                  float_weights: bool, bias_correction: bool) -> None:
+        # ONNX Runtime's static quantizer has no bias correction: `bias_correction` changes nothing here
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         symmetric = scheme.activations == "symmetric"
@@ -196,7 +202,7 @@ class NncfQuantizer(Quantizer):
 
     def _quantize(self, fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: CalibrationPreset,
                   calibration: Sequence[np.ndarray], input_name: str, exclude: Sequence[str],
-                  float_weights: bool) -> None:
+                  float_weights: bool, bias_correction: bool) -> None:
         import nncf
         import onnx
         from nncf.onnx.quantization.backend_parameters import BackendParameters
@@ -209,6 +215,7 @@ class NncfQuantizer(Quantizer):
             activations_range_estimator_params=self._ranges(preset),
             overflow_fix=OverflowFix.ENABLE if scheme.reduce_range else OverflowFix.DISABLE,
             batchwise_statistics=True,  # the items are batches: per-sample statistics within each
+            disable_bias_correction=not bias_correction,
             backend_params={BackendParameters.COMPRESS_WEIGHTS: not float_weights})
         quantized = nncf.quantize(
             onnx.load(str(fp32_onnx)),

@@ -1,0 +1,112 @@
+"""Does `select`'s predicted accuracy rank backbone × input size the way fine-tuning does?
+
+    python benchmarks/select_tau.py [--work runs/select-tau] [--data DIR] [--target intel-cpu]
+                                    [--candidates efficientnet_lite0,efficientnet_lite1,efficientnet_lite2]
+                                    [--sizes 96,128,160] [--out FILE.json]
+
+1. The demo's defect data (generated exactly as `edgetransfer demo` does, into WORK/data/defects,
+   unless --data names a folder).
+2. `select` over every candidate × size, timed (wall clock): predicted accuracy (linear probe, CV on
+   train + val), LogME, latency on the target.
+3. Every candidate × size fine-tuned with the demo's recipe (finetune mode, 8 epochs, lr 2e-3,
+   backbone lr × 1, batch 32, seed 0) at that input size, into WORK/finetune/<backbone>-<size>
+   (a finished run with the same settings is reused), and its accuracy on the held-out test
+   split, which `select` never reads.
+4. Kendall's tau-b between predicted and actual test accuracy (and between LogME and actual).
+
+Prints a table and writes WORK/select_tau.json (or --out). Almost all of its time is fine-tuning:
+66 minutes for the nine default pairs on a 2-core VM shared with other jobs (README, "Choosing a
+backbone", has the result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from edgetransfer.adapt.train import TrainConfig
+from edgetransfer.bench import _machine
+from edgetransfer.data.synthetic import SyntheticConfig, generate_dataset
+from edgetransfer.demo import DemoConfig
+from edgetransfer.fsutil import write_json
+from edgetransfer.pipeline import train_or_reuse
+from edgetransfer.select import kendall_tau_b, select
+
+
+def demo_data(work: Path) -> Path:
+    """The demo's dataset (same generator, seed, size and counts as `run_demo`)."""
+    cfg = DemoConfig()
+    data = work / "data" / "defects"
+    generate_dataset(data, SyntheticConfig(
+        task="defects", size=cfg.generated_size, seed=cfg.seed + 2,
+        counts={"train": cfg.train_per_class, "val": cfg.val_per_class, "test": cfg.test_per_class}))
+    return data
+
+
+def recipe(backbone: str, size: int) -> TrainConfig:
+    """The demo's finetune recipe at another backbone and input size."""
+    d = DemoConfig()
+    return TrainConfig(backbone=backbone, weights=d.weights, mode="finetune", img_size=size, epochs=d.epochs, lr=d.lr,
+                       backbone_lr_mult=d.backbone_lr_mult, batch_size=d.batch_size, seed=d.seed, patience=d.epochs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/select-tau"))
+    ap.add_argument("--data", type=Path, default=None, help="default: generate the demo's data into WORK/data")
+    ap.add_argument("--target", default="intel-cpu")
+    ap.add_argument("--candidates", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
+    ap.add_argument("--sizes", default="96,128,160")
+    ap.add_argument("--out", type=Path, default=None, help="default: WORK/select_tau.json")
+    args = ap.parse_args()
+    data = args.data or demo_data(args.work)
+    candidates = args.candidates.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    t0 = time.perf_counter()
+    result = select(data, target=args.target, candidates=candidates, sizes=sizes, out=args.work / "select")
+    select_seconds = time.perf_counter() - t0
+    print(f"select: {len(result.candidates)} candidates in {select_seconds:.0f} s; "
+          f"recommended {result.recommendation.message}", flush=True)
+
+    rows = []
+    for c in result.candidates:
+        t1 = time.perf_counter()
+        run = train_or_reuse(data, args.work / "finetune" / f"{c.backbone}-{c.size}", recipe(c.backbone, c.size))
+        m = run.meta.metrics
+        rows.append({"backbone": c.backbone, "size": c.size, "predicted_accuracy": c.predicted_accuracy,
+                     "standard_error": c.standard_error, "logme": c.logme, "latency_ms": c.latency_ms,
+                     "test_accuracy": run.test_accuracy, "val_accuracy": m.get("val_accuracy"),
+                     "test_images": m.get("test_samples"), "finetune_run": str(run.run),
+                     "finetune_seconds_this_call": round(time.perf_counter() - t1, 1)})
+        print(f"fine-tuned {c.label}: test accuracy {run.test_accuracy:.4f}", flush=True)
+
+    actual = [r["test_accuracy"] for r in rows]
+    tau = kendall_tau_b([r["predicted_accuracy"] for r in rows], actual)
+    tau_logme = kendall_tau_b([r["logme"] for r in rows], actual)
+    print()
+    print("| backbone | input | predicted accuracy (linear probe, CV) | LogME | latency b1 p50 (ms) | "
+          "fine-tuned test accuracy |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: -r["test_accuracy"]):
+        lat = "—" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
+        print(f"| {r['backbone']} | {r['size']} | {r['predicted_accuracy']:.3f} ± {r['standard_error']:.3f} | "
+              f"{r['logme']:.4f} | {lat} | {r['test_accuracy']:.4f} |")
+    print(f"\nKendall tau-b, predicted accuracy vs fine-tuned test accuracy: {tau:.3f} over {len(rows)} pairs")
+    print(f"Kendall tau-b, LogME vs fine-tuned test accuracy: {tau_logme:.3f}")
+    print(f"select wall time: {select_seconds:.0f} s")
+    out = args.out or args.work / "select_tau.json"
+    write_json(out, {"tau_b_predicted_accuracy": tau, "tau_b_logme": tau_logme, "pairs": len(rows),
+                     "select_seconds": round(select_seconds, 1), "target": args.target, "data": str(data),
+                     "recipe": {k: v for k, v in asdict(recipe("BACKBONE", 160)).items()
+                                if k not in ("backbone", "img_size")},
+                     "recommendation": result.recommendation.message, "rows": rows, "machine": _machine()})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
