@@ -2,7 +2,7 @@
 
     python benchmarks/select_tau.py [--work runs/select-tau] [--data DIR] [--target intel-cpu]
                                     [--candidates efficientnet_lite0,efficientnet_lite1,efficientnet_lite2]
-                                    [--sizes 96,128,160] [--out FILE.json]
+                                    [--sizes 96,128,160] [--seeds 0] [--out FILE.json]
 
 1. The demo's defect data (generated exactly as `edgetransfer demo` does, into WORK/data/defects,
    unless --data names a folder).
@@ -11,7 +11,9 @@
 3. Every candidate × size fine-tuned with the demo's recipe (finetune mode, 8 epochs, lr 2e-3,
    backbone lr × 1, batch 32, seed 0) at that input size, into WORK/finetune/<backbone>-<size>
    (a finished run with the same settings is reused), and its accuracy on the held-out test
-   split, which `select` never reads.
+   split, which `select` never reads. With `--seeds 0,1,2` each pair is fine-tuned once per seed
+   (WORK/finetune/<backbone>-<size>-seed<N> for seeds other than 0) and its actual accuracy is
+   the mean: one seed's accuracy moves by a few test images, as much as backbones differ.
 4. Kendall's tau-b between predicted and actual test accuracy (and between LogME and actual).
 
 Prints a table and writes WORK/select_tau.json (or --out). Almost all of its time is fine-tuning:
@@ -46,11 +48,12 @@ def demo_data(work: Path) -> Path:
     return data
 
 
-def recipe(backbone: str, size: int) -> TrainConfig:
-    """The demo's finetune recipe at another backbone and input size."""
+def recipe(backbone: str, size: int, seed: int = 0) -> TrainConfig:
+    """The demo's finetune recipe at another backbone and input size (seed 0: the demo's own seed)."""
     d = DemoConfig()
     return TrainConfig(backbone=backbone, weights=d.weights, mode="finetune", img_size=size, epochs=d.epochs, lr=d.lr,
-                       backbone_lr_mult=d.backbone_lr_mult, batch_size=d.batch_size, seed=d.seed, patience=d.epochs)
+                       backbone_lr_mult=d.backbone_lr_mult, batch_size=d.batch_size, seed=d.seed + seed,
+                       patience=d.epochs)
 
 
 def main() -> int:
@@ -60,8 +63,10 @@ def main() -> int:
     ap.add_argument("--target", default="intel-cpu")
     ap.add_argument("--candidates", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     ap.add_argument("--sizes", default="96,128,160")
+    ap.add_argument("--seeds", default="0", help="fine-tune each pair once per seed; actual accuracy = the mean")
     ap.add_argument("--out", type=Path, default=None, help="default: WORK/select_tau.json")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     data = args.data or demo_data(args.work)
     candidates = args.candidates.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -75,31 +80,38 @@ def main() -> int:
     rows = []
     for c in result.candidates:
         t1 = time.perf_counter()
-        run = train_or_reuse(data, args.work / "finetune" / f"{c.backbone}-{c.size}", recipe(c.backbone, c.size))
-        m = run.meta.metrics
+        runs = []
+        for seed in seeds:
+            name = f"{c.backbone}-{c.size}" + (f"-seed{seed}" if seed else "")
+            runs.append(train_or_reuse(data, args.work / "finetune" / name, recipe(c.backbone, c.size, seed)))
+            print(f"fine-tuned {c.label} seed {seed}: test accuracy {runs[-1].test_accuracy:.4f}", flush=True)
+        per_seed = [r.test_accuracy for r in runs]
+        m = runs[0].meta.metrics
         rows.append({"backbone": c.backbone, "size": c.size, "predicted_accuracy": c.predicted_accuracy,
                      "standard_error": c.standard_error, "logme": c.logme, "latency_ms": c.latency_ms,
-                     "test_accuracy": run.test_accuracy, "val_accuracy": m.get("val_accuracy"),
-                     "test_images": m.get("test_samples"), "finetune_run": str(run.run),
+                     "test_accuracy": float(sum(per_seed) / len(per_seed)), "test_accuracy_per_seed": per_seed,
+                     "seeds": seeds, "val_accuracy": m.get("val_accuracy"), "test_images": m.get("test_samples"),
+                     "finetune_runs": [str(r.run) for r in runs],
                      "finetune_seconds_this_call": round(time.perf_counter() - t1, 1)})
-        print(f"fine-tuned {c.label}: test accuracy {run.test_accuracy:.4f}", flush=True)
 
     actual = [r["test_accuracy"] for r in rows]
-    tau = kendall_tau_b([r["predicted_accuracy"] for r in rows], actual)
-    tau_logme = kendall_tau_b([r["logme"] for r in rows], actual)
+    tau = kendall_tau_b([r["predicted_accuracy"] for r in rows], actual) if len(rows) > 1 else float("nan")
+    tau_logme = kendall_tau_b([r["logme"] for r in rows], actual) if len(rows) > 1 else float("nan")
     print()
     print("| backbone | input | predicted accuracy (linear probe, CV) | LogME | latency b1 p50 (ms) | "
-          "fine-tuned test accuracy |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"fine-tuned test accuracy (mean of seeds {args.seeds}) | per seed |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in sorted(rows, key=lambda r: -r["test_accuracy"]):
         lat = "—" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
         print(f"| {r['backbone']} | {r['size']} | {r['predicted_accuracy']:.3f} ± {r['standard_error']:.3f} | "
-              f"{r['logme']:.4f} | {lat} | {r['test_accuracy']:.4f} |")
+              f"{r['logme']:.4f} | {lat} | {r['test_accuracy']:.4f} | "
+              f"{', '.join(f'{a:.4f}' for a in r['test_accuracy_per_seed'])} |")
     print(f"\nKendall tau-b, predicted accuracy vs fine-tuned test accuracy: {tau:.3f} over {len(rows)} pairs")
     print(f"Kendall tau-b, LogME vs fine-tuned test accuracy: {tau_logme:.3f}")
     print(f"select wall time: {select_seconds:.0f} s")
     out = args.out or args.work / "select_tau.json"
-    write_json(out, {"tau_b_predicted_accuracy": tau, "tau_b_logme": tau_logme, "pairs": len(rows),
+    write_json(out, {"tau_b_predicted_accuracy": tau if len(rows) > 1 else None,
+                     "tau_b_logme": tau_logme if len(rows) > 1 else None, "pairs": len(rows), "seeds": seeds,
                      "select_seconds": round(select_seconds, 1), "target": args.target, "data": str(data),
                      "recipe": {k: v for k, v in asdict(recipe("BACKBONE", 160)).items()
                                 if k not in ("backbone", "img_size")},
