@@ -8,8 +8,8 @@
    unless --data names a folder).
 2. `select` over every candidate × size, timed (wall clock): predicted accuracy (linear probe, CV on
    train + val), LogME, latency on the target.
-3. Every candidate × size fine-tuned with the demo's recipe (finetune mode, 8 epochs, lr 2e-3,
-   backbone lr × 1, batch 32, seed 0) at that input size, into WORK/finetune/<backbone>-<size>
+3. Every candidate × size fine-tuned with the demo's recipe (`DemoConfig`: finetune mode, 8 epochs,
+   lr 1e-3, backbone lr × 0.1, batch 32, seed 0) at that input size, into WORK/finetune/<backbone>-<size>
    (a finished run with the same settings is reused), and its accuracy on the held-out test
    split, which `select` never reads. With `--seeds 0,1,2` each pair is fine-tuned once per seed
    (WORK/finetune/<backbone>-<size>-seed<N> for seeds other than 0) and its actual accuracy is

@@ -93,7 +93,7 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     log.info("[2/4] adapting ImageNet %s: features mode (frozen backbone, head only)", cfg.backbone)
     features = train_or_reuse(data, out / "transfer-features", replace(
         recipe, mode="features", epochs=cfg.features_epochs, lr=cfg.features_lr, patience=cfg.features_epochs))
-    log.info("[3/4] the same network from scratch on the same labels, same recipe")
+    log.info("[3/4] the same network from scratch on the same labels, same recipe (every layer at the head's rate)")
     scratch = train_or_reuse(data, out / "scratch", replace(recipe, weights="none",
                                                             backbone_lr_mult=cfg.scratch_backbone_lr_mult))
 
