@@ -119,13 +119,13 @@ def _convert_opset(proto: Any, opset: int, target: Path) -> Any:
     import onnx
 
     if _default_opset(proto) != opset:
-        held = _hold_unchanged_nodes(proto, opset)
+        _hold_unchanged_nodes(proto, opset)
         try:
             proto = onnx.version_converter.convert_version(proto, opset)
         except Exception as exc:  # the converter raises RuntimeError from C++ for unsupported adaptations
             raise UsageError(f"the model cannot be expressed in opset {opset} ({exc})", path=target,
                              field="opset") from exc
-        _release_held_nodes(proto, held)
+        _release_held_nodes(proto)
         for node in proto.graph.node:  # the converter keeps this opset-18 attribute; 0 is opset 17's behaviour
             for attr in [a for a in node.attribute if a.name == "noop_with_empty_axes" and opset < 18]:
                 if attr.i:
@@ -143,29 +143,23 @@ _UNCHANGED_BELOW_18 = {"Pad": 3}
 _HOLD_DOMAIN = "edgetransfer.held"
 
 
-def _hold_unchanged_nodes(proto: Any, opset: int) -> str | None:
-    """Move such nodes to a private domain so the converter leaves them as they are; None if none."""
+def _hold_unchanged_nodes(proto: Any, opset: int) -> None:
+    """Move such nodes to a private domain so the converter leaves them as they are."""
     import onnx
 
-    if opset >= 18 or opset < 11:
-        return None
-    nodes = [n for n in proto.graph.node if n.domain in ("", "ai.onnx")
+    nodes = [n for n in proto.graph.node if 11 <= opset < 18 and n.domain in ("", "ai.onnx")
              and len([i for i in n.input if i]) <= _UNCHANGED_BELOW_18.get(n.op_type, -1)]
-    if not nodes:
-        return None
     for n in nodes:
         n.domain = _HOLD_DOMAIN
-    proto.opset_import.append(onnx.helper.make_opsetid(_HOLD_DOMAIN, 1))
-    return _HOLD_DOMAIN
+    if nodes:
+        proto.opset_import.append(onnx.helper.make_opsetid(_HOLD_DOMAIN, 1))
 
 
-def _release_held_nodes(proto: Any, held: str | None) -> None:
-    if held is None:
-        return
+def _release_held_nodes(proto: Any) -> None:
     for n in proto.graph.node:
-        if n.domain == held:
+        if n.domain == _HOLD_DOMAIN:
             n.domain = ""
-    for o in [o for o in proto.opset_import if o.domain == held]:
+    for o in [o for o in proto.opset_import if o.domain == _HOLD_DOMAIN]:
         proto.opset_import.remove(o)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..export import OUTPUT_NAME
+from ..spec import ANOMALY_OUTPUTS
 from .base import Backend, Runner
 
 
@@ -35,9 +37,6 @@ class TorchRunner(Runner):
     def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Named as the export names them: `logits`, or an anomaly scorer's `score` and `anomaly_map`."""
         import torch
-
-        from ..export import OUTPUT_NAME
-        from ..spec import ANOMALY_OUTPUTS
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
