@@ -167,7 +167,7 @@ def _anomaly_maps(run: Path, images: Path, path: Path) -> Path | None:
     import torch
 
     from .anomaly.fit import load_scorer
-    from .anomaly.plots import map_overlays
+    from .anomaly.plots import map_overlays, pictures
     from .preprocess import load_image, preprocess
 
     scorer, meta = load_scorer(run), RunMeta.load(run / "meta.json")
@@ -175,10 +175,8 @@ def _anomaly_maps(run: Path, images: Path, path: Path) -> Path | None:
     x = np.stack([preprocess(load_image(p), meta.input_spec) for p in chosen])
     with torch.no_grad():
         scores, heat = scorer(torch.from_numpy(x))
-    mean, std = np.array(meta.input_spec.mean)[:, None, None], np.array(meta.input_spec.std)[:, None, None]
-    pictures = [np.clip((xi * std + mean).transpose(1, 2, 0), 0, 1) for xi in x]
     titles = [f"{p.parent.name}: score {s:.2f}" + (" DEFECT" if s >= 0.5 else "") for p, s in zip(chosen, scores.tolist())]
-    return map_overlays(pictures, [h.numpy() for h in heat], titles, path)
+    return map_overlays(pictures(x, meta.input_spec), [h.numpy() for h in heat], titles, path)
 
 
 def _metrics(result: Any) -> dict[str, Any]:

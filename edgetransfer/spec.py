@@ -27,6 +27,14 @@ TASKS = ("classification", "anomaly")
 ANOMALY_OUTPUTS = ("score", "anomaly_map")
 
 
+def anomaly_outputs(outputs: dict[str, Any]) -> tuple[Any, Any | None]:
+    """(scores, maps) from a runner's `infer_outputs`: by the export's names where the backend kept
+    them, else by position (the export's order); maps is None from a backend that returned one output."""
+    values = list(outputs.values())
+    return (outputs.get(ANOMALY_OUTPUTS[0], values[0]),
+            outputs.get(ANOMALY_OUTPUTS[1], values[1] if len(values) > 1 else None))
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How raw pixels become the model's input tensor.

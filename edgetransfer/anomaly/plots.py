@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import atomic_path
+from ..spec import InputSpec
 from .metrics import NORMALISED_THRESHOLD, auroc
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,13 @@ def score_histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray, path:
     return _save(fig, path)
 
 
+def pictures(x: np.ndarray, spec: InputSpec) -> list[np.ndarray]:
+    """A preprocessed NCHW batch back to H×W×3 RGB images in 0..1 (what the model saw), to draw on."""
+    mean, std = np.array(spec.mean)[:, None, None], np.array(spec.std)[:, None, None]
+    views = [np.clip((xi * std + mean).transpose(1, 2, 0), 0, 1) for xi in x]
+    return [v[..., ::-1] for v in views] if spec.color_order == "BGR" else views
+
+
 def map_overlays(images: list[np.ndarray], maps: list[np.ndarray], titles: list[str], path: Path, *,
                  columns: int = 5) -> Path | None:
     """Each image (H×W×3, 0..1) with its anomaly map on top (0.5 = the threshold, clipped at 1)."""
@@ -71,4 +79,4 @@ def map_overlays(images: list[np.ndarray], maps: list[np.ndarray], titles: list[
     return _save(fig, path)
 
 
-__all__ = ["map_overlays", "score_histograms"]
+__all__ = ["map_overlays", "pictures", "score_histograms"]

@@ -16,7 +16,7 @@ import numpy as np
 from ..data.folder import Sample
 from ..fsutil import write_json, write_text
 from ..parity import FP32_GATES, Gates
-from ..spec import RunMeta
+from ..spec import RunMeta, anomaly_outputs
 from ..stages import target_dir
 from ..targets import Target
 from ..validate import Measured, batch_tolerance, pair_keys, report_context
@@ -61,7 +61,7 @@ def _map_figure(m: Measured, samples: Sequence[Sample], chosen: list[int], meta:
     """Reference (top row) and deployed (bottom row) maps over the `chosen` images, run again through
     the same two runners on just those images."""
     from ..stages import iter_batches
-    from .plots import map_overlays
+    from .plots import map_overlays, pictures
 
     ref, dep = m.outputs["torch"], m.outputs[m.deployed.key]
     x, _ = next(iter_batches([samples[i] for i in chosen], meta.input_spec, len(chosen), description="maps"))
@@ -69,14 +69,11 @@ def _map_figure(m: Measured, samples: Sequence[Sample], chosen: list[int], meta:
     for key in ("torch", m.deployed.key):
         with m.sides[key].runner as runner:
             out = runner.infer_outputs(x)
-        maps[key] = list(out.values())[1] if len(out) > 1 else None
+        maps[key] = anomaly_outputs(out)[1]
     if any(v is None for v in maps.values()):
         log.info("a side returned no anomaly map: %s not drawn", path)
         return None
-    mean, std = np.array(meta.input_spec.mean)[:, None, None], np.array(meta.input_spec.std)[:, None, None]
-    views = [np.clip((xi * std + mean).transpose(1, 2, 0), 0, 1) for xi in x]
-    if meta.input_spec.color_order == "BGR":
-        views = [v[..., ::-1] for v in views]
+    views = pictures(x, meta.input_spec)
     names = [meta.classes[samples[i].label] for i in chosen]
     titles = [f"{n}: fp32 {ref[i]:.2f}" for n, i in zip(names, chosen)]
     titles += [f"{n}: {m.deployed.runner.precision.split(' ')[0]} {dep[i]:.2f}" for n, i in zip(names, chosen)]

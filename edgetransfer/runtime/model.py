@@ -21,7 +21,7 @@ from ..backends import get_backend
 from ..bundleformat import MANIFEST, build_target, check_files, extract_archive, kit_instructions, ran_precision, read_manifest
 from ..errors import DependencyError, UsageError
 from ..preprocess import load_image, preprocess, resize_and_crop, to_rgb
-from ..spec import ANOMALY_OUTPUTS, InputSpec
+from ..spec import InputSpec, anomaly_outputs
 
 ColorOrder = Literal["RGB", "BGR"]
 Frame = Image.Image | np.ndarray | str | Path
@@ -139,9 +139,8 @@ class BundleModel:
             outs = self.infer_outputs(x)
             t2 = time.perf_counter()
             n = len(frames)
-            first = list(outs.values())  # by name where the backend kept the export's names, else by position
-            scores = np.asarray(outs.get(ANOMALY_OUTPUTS[0], first[0])).reshape(-1)
-            maps = outs.get(ANOMALY_OUTPUTS[1], first[1] if len(first) > 1 else None)
+            scores, maps = anomaly_outputs(outs)
+            scores = np.asarray(scores).reshape(-1)
             return [Prediction(index=int(s >= 0.5), label="defect" if s >= 0.5 else self.good, score=float(s),
                                latency_ms=(t2 - t1) * 1e3 / n, preprocess_ms=(t1 - t0) * 1e3 / n,
                                logits=np.array([s], dtype=np.float32),
