@@ -14,11 +14,14 @@
    split, which `select` never reads. With `--seeds 0,1,2` each pair is fine-tuned once per seed
    (WORK/finetune/<backbone>-<size>-seed<N> for seeds other than 0) and its actual accuracy is
    the mean: one seed's accuracy moves by a few test images, as much as backbones differ.
-4. Kendall's tau-b between predicted and actual test accuracy (and between LogME and actual).
+4. Kendall's tau-b between predicted and actual test accuracy (and between actual and LogME, and the
+   probe on the head's input alone, which `select` ranked by before 2026-12-03); with several seeds,
+   also between the seeds' own rankings: how well one fine-tuning reproduces another's order, the
+   most a predictor can expect.
 
 Prints a table and writes WORK/select_tau.json (or --out). Almost all of its time is fine-tuning:
-66 minutes for the nine default pairs on a 2-core VM shared with other jobs (README, "Choosing a
-backbone", has the result).
+22 minutes for the nine default pairs × seeds 1 and 2 on the idle 2-core Xeon VM (README, "Choosing
+a backbone", has the result).
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def recipe(backbone: str, size: int, seed: int = 0) -> TrainConfig:
                        patience=d.epochs)
 
 
+def seed_agreement(rows: list[dict]) -> float | None:
+    """Mean Kendall tau-b between the rankings two seeds' fine-tuning give (None: one seed)."""
+    per_seed = list(zip(*(r["test_accuracy_per_seed"] for r in rows)))
+    taus = [kendall_tau_b(a, b) for i, a in enumerate(per_seed) for b in per_seed[i + 1:]]
+    return float(sum(taus) / len(taus)) if taus and len(rows) > 1 else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/select-tau"))
@@ -88,7 +98,8 @@ def main() -> int:
         per_seed = [r.test_accuracy for r in runs]
         m = runs[0].meta.metrics
         rows.append({"backbone": c.backbone, "size": c.size, "predicted_accuracy": c.predicted_accuracy,
-                     "standard_error": c.standard_error, "logme": c.logme, "latency_ms": c.latency_ms,
+                     "standard_error": c.standard_error, "head_probe_accuracy": c.head_probe_accuracy,
+                     "logme": c.logme, "latency_ms": c.latency_ms,
                      "test_accuracy": float(sum(per_seed) / len(per_seed)), "test_accuracy_per_seed": per_seed,
                      "seeds": seeds, "val_accuracy": m.get("val_accuracy"), "test_images": m.get("test_samples"),
                      "finetune_runs": [str(r.run) for r in runs],
@@ -97,21 +108,31 @@ def main() -> int:
     actual = [r["test_accuracy"] for r in rows]
     tau = kendall_tau_b([r["predicted_accuracy"] for r in rows], actual) if len(rows) > 1 else float("nan")
     tau_logme = kendall_tau_b([r["logme"] for r in rows], actual) if len(rows) > 1 else float("nan")
+    tau_head = kendall_tau_b([r["head_probe_accuracy"] for r in rows], actual) if len(rows) > 1 else float("nan")
     print()
-    print("| backbone | input | predicted accuracy (linear probe, CV) | LogME | latency b1 p50 (ms) | "
+    print("| backbone | input | predicted accuracy (linear probe, CV) | head's input alone | LogME | "
+          "latency b1 p50 (ms) | "
           f"fine-tuned test accuracy (mean of seeds {args.seeds}) | per seed |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in sorted(rows, key=lambda r: -r["test_accuracy"]):
         lat = "—" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
         print(f"| {r['backbone']} | {r['size']} | {r['predicted_accuracy']:.3f} ± {r['standard_error']:.3f} | "
+              f"{r['head_probe_accuracy']:.3f} | "
               f"{r['logme']:.4f} | {lat} | {r['test_accuracy']:.4f} | "
               f"{', '.join(f'{a:.4f}' for a in r['test_accuracy_per_seed'])} |")
     print(f"\nKendall tau-b, predicted accuracy vs fine-tuned test accuracy: {tau:.3f} over {len(rows)} pairs")
     print(f"Kendall tau-b, LogME vs fine-tuned test accuracy: {tau_logme:.3f}")
+    print(f"Kendall tau-b, the probe on the head's input alone (select before 2026-12-03) vs fine-tuned test "
+          f"accuracy: {tau_head:.3f}")
+    between = seed_agreement(rows)
+    if between is not None:
+        print(f"Kendall tau-b between the seeds' own rankings (mean over seed pairs): {between:.3f}: how far one "
+              f"fine-tuning's ranking reproduces another's, the most a predictor can expect against one seed")
     print(f"select wall time: {select_seconds:.0f} s")
     out = args.out or args.work / "select_tau.json"
     write_json(out, {"tau_b_predicted_accuracy": tau if len(rows) > 1 else None,
-                     "tau_b_logme": tau_logme if len(rows) > 1 else None, "pairs": len(rows), "seeds": seeds,
+                     "tau_b_logme": tau_logme if len(rows) > 1 else None, "tau_b_between_seeds": between,
+                     "tau_b_head_probe": tau_head if len(rows) > 1 else None, "pairs": len(rows), "seeds": seeds,
                      "select_seconds": round(select_seconds, 1), "target": args.target, "data": str(data),
                      "recipe": {k: v for k, v in asdict(recipe("BACKBONE", 160)).items()
                                 if k not in ("backbone", "img_size")},

@@ -743,8 +743,9 @@ def _csv_ints(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               help="Folder for select.json / select.md / select.png and the caches (a rerun reuses them).")
 def select_cmd(data: Path, target: str, candidates: list[str], sizes: list[int], latency_budget_ms: float | None,
                out: Path) -> None:
-    """Rank backbones x input sizes by transferability to the images in DATA (linear probe, LogME; train +
-    val images only) and by latency measured on the target; recommend one and print its train command."""
+    """Rank backbones x input sizes by transferability to the images in DATA (linear probe on the head's
+    input and two mid-level stages, LogME; train + val images only) and by latency measured on the target;
+    recommend one and print its train command."""
     from .select import select
     from .select.ranking import ranked
 

@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from edgetransfer.cli import main
-from edgetransfer.select.core import (TIMING_CALIBRATION_IMAGES, Candidate, _latency_target, _quantize_for_timing,
-                                      weights_here)
+from edgetransfer.select.core import (PROBE_STAGES, TIMING_CALIBRATION_IMAGES, Candidate, _embed, _latency_target,
+                                      _quantize_for_timing, weights_here)
 from edgetransfer.spec import RunMeta
 from edgetransfer.stages import INT8_FILE, quantize_run, run_splits
 from edgetransfer.targets import load_target
 from edgetransfer.select.ranking import latency_warning, recommend
-from edgetransfer.select.transferability import (fit_logistic, kendall_tau_b, linear_probe_cv, logme, pareto_front,
-                                                 stratified_folds)
+from edgetransfer.select.transferability import (combine_blocks, fit_logistic, kendall_tau_b, linear_probe_cv, logme,
+                                                 pareto_front, stratified_folds)
 
 
 def _blobs(n_per_class: int, classes: int, dim: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +82,51 @@ def test_linear_probe_reads_separable_features_and_not_noise():
     assert set(chance.by_l2) == {1.0, 0.1, 0.01, 0.001}
     middling = linear_probe_cv(_blobs(20, 5, 40, separation=0.35, seed=3)[0], y).accuracy
     assert chance.accuracy < middling < 1.0
+
+
+def test_combined_blocks_weigh_the_same_whatever_their_width_or_scale():
+    x, y = _blobs(20, 5, 40, separation=1.0, seed=5)
+    wide_noise = np.random.default_rng(6).standard_normal((100, 1000)) * 1e3
+    combined = combine_blocks([x, wide_noise])
+    assert combined.shape == (100, 1040)
+    for part in (combined[:, :40], combined[:, 40:]):
+        np.testing.assert_allclose(part.mean(axis=0), 0.0, atol=1e-4)
+        assert np.linalg.norm(part, axis=1).mean() == pytest.approx(1.0, rel=1e-5)
+    # a block's scale does not change the result; LogME still sees the informative block through the loud one
+    np.testing.assert_allclose(combine_blocks([x * 1e-3, wide_noise]), combined, rtol=1e-4, atol=1e-6)
+    assert logme(combined, y).value > logme(np.hstack([x, wide_noise]), y).value
+
+
+def test_the_stage_blocks_line_up_with_the_images_they_came_from(tiny_data):
+    """select's one embedding pass also pools two mid-level stages; row k of each block must be image k."""
+    import torch
+
+    from edgetransfer.backbones import create, stages
+    from edgetransfer.data.folder import scan_dataset
+    from edgetransfer.preprocess import load_image, preprocess
+    from edgetransfer.spec import RESIZE_POLICIES
+
+    if weights_here("efficientnet_lite0") is not None:
+        pytest.skip("the packaged EfficientNet-Lite0 weights are not installed here")
+    splits = scan_dataset(tiny_data)
+    bb = create("efficientnet_lite0", len(splits.classes), weights="default", img_size=64,
+                resize=RESIZE_POLICIES["letterbox"])
+    blocks, labels, _ = _embed(bb, splits, 64)
+    assert list(blocks) == ["head", *(f"stage{i}" for i in PROBE_STAGES)]
+    samples = [*splits.train, *splits.val]
+    assert all(len(b) == len(samples) for b in blocks.values())
+    assert list(labels) == [s.label for s in samples]
+    k = len(samples) - 1  # the last image: a validation one, after every train batch
+    seen = {}
+    handles = [stages(bb.model, bb.head)[i].register_forward_hook(
+        lambda _m, _i, out, i=i: seen.__setitem__(i, out.mean(dim=(2, 3))[0].numpy())) for i in PROBE_STAGES]
+    with torch.no_grad():
+        bb.model.eval()(torch.from_numpy(preprocess(load_image(samples[k].path), bb.input_spec))[None])
+    for h in handles:
+        h.remove()
+    for i in PROBE_STAGES:
+        np.testing.assert_allclose(blocks[f"stage{i}"][k], seen[i], rtol=1e-3, atol=1e-4)
+        assert not np.allclose(blocks[f"stage{i}"][0], seen[i], rtol=1e-3, atol=1e-4)  # not every row alike
 
 
 def test_logistic_regression_reaches_the_same_optimum_as_scikit_learn():
@@ -267,7 +312,9 @@ def test_select_end_to_end(tiny_data, tmp_path, monkeypatch):
     report = json.loads((out / "select.json").read_text())
     [cand] = report["candidates"]
     assert (cand["backbone"], cand["size"], cand["samples"]) == ("efficientnet_lite0", 64, 30)  # train + val only
-    assert cand["features"] == 1280 and 0.0 <= cand["predicted_accuracy"] <= 1.0 and math.isfinite(cand["logme"])
+    # the head's input (1280) and the pooled outputs of Lite0's stages 5 and 6 of 7 (112 + 192 channels)
+    assert cand["features"] == 1280 + 112 + 192 and math.isfinite(cand["logme"])
+    assert 0.0 <= cand["predicted_accuracy"] <= 1.0 and 0.0 <= cand["head_probe_accuracy"] <= 1.0
     assert cand["latency_ms"] > 0 and cand["precision"].startswith("int8") and cand["on_front"]
     assert report["skipped"][0]["backbone"] == "resnet18" and "resnet18-" in report["skipped"][0]["reason"]
     assert report["recommendation"]["candidate"] == "efficientnet_lite0 @ 64"

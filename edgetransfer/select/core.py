@@ -4,10 +4,17 @@ For every candidate backbone with pretrained weights on this machine and every i
 
 1. **Embeddings**, once: the frozen backbone over the train + validation images (never the test
    split), exactly as `train --mode features` embeds them (its `Trainer`, the weights' own
-   preprocessing at that size, letterbox), cached in `OUT/cache/<backbone>-<size>.npz` under a key
-   of the dataset hash, the weights and the input spec.
+   preprocessing at that size, letterbox) — the head's input, and in the same pass the pooled
+   outputs of the two stages before the last (`PROBE_STAGES`) — cached in
+   `OUT/cache/<backbone>-<size>.npz` under a key of the dataset hash, the weights and the input spec.
 2. **Transferability** of those features (`transferability.py`): cross-validated linear-probe
-   accuracy — the predicted accuracy that ranks — and LogME.
+   accuracy on the head's input and the two mid-level stages together — the predicted accuracy that
+   ranks — and LogME on the same features; the probe on the head's input alone (what `--mode
+   features` trains on) is reported beside it. Why the mid-level stages: `train` fine-tunes the
+   whole backbone, and what a fine-tuned model draws on is also in the features below the last,
+   ImageNet-specialised, stage (Evci et al., "Head2Toe", ICML 2022). Measured on the demo's data
+   (`benchmarks/select_tau.py`, README "Choosing a backbone"): Kendall tau-b against fine-tuned
+   accuracy 0.70 with them, 0.56 from the head's input alone.
 3. **Latency, measured**: the backbone with its ImageNet head replaced by an untrained head for
    these classes (latency does not depend on the head's values) is exported, quantized for timing
    only (`_quantize_for_timing`: the target's quantizer and scheme, so the same QDQ graph as
@@ -41,7 +48,7 @@ import numpy as np
 from ..errors import DependencyError, GateFailed, UsageError
 from ..fsutil import atomic_open, write_json, write_text
 from .ranking import Recommendation, latency_warning, recommend
-from .transferability import linear_probe_cv, logme, pareto_front
+from .transferability import combine_blocks, linear_probe_cv, logme, pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,10 @@ _LATENCY_RECIPE = 2
 PROBE_FOLDS = 5
 RESIZE = "letterbox"           # train's default geometry: the one the recommended command trains with
 SELECT_FILES = ("select.json", "select.md", "select.png")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+#: stages (counted from the last, `backbones.stages`) whose pooled outputs join the head's input in
+#: the probe: the two before the last, which fine-tuning reshapes less than the last one
+PROBE_STAGES = (-3, -2)
 
 
 @dataclass
@@ -67,9 +77,10 @@ class Candidate:
     backbone: str
     size: int
     weights: str = ""
-    features: int = 0                          # embedding width
+    features: int = 0                          # width of what the probe reads (head input + stages)
     samples: int = 0                           # train + val images scored
     predicted_accuracy: float = 0.0            # linear-probe CV accuracy: what ranks
+    head_probe_accuracy: float = 0.0           # the same probe on the head's input alone (features mode)
     standard_error: float = 0.0                # binomial SE of predicted_accuracy
     probe_l2: float = 0.0
     probe_folds: int = 0
@@ -119,7 +130,8 @@ class SelectResult:
     seconds: float
     machine: dict[str, str]
     warnings: list[str] = field(default_factory=list)
-    ranks_by: str = "linear-probe accuracy (5-fold stratified CV on the train + val images, frozen features)"
+    ranks_by: str = ("linear-probe accuracy (5-fold stratified CV on the train + val images; frozen features: the "
+                     "head's input and the pooled outputs of the two stages before the last)")
 
     @property
     def recommended(self) -> Candidate | None:
@@ -145,11 +157,14 @@ class SelectResult:
 
 #: how the numbers were made, written into select.json and select.md
 METHOD = {
-    "predicted_accuracy": "multinomial logistic regression on standardised frozen features (pooled penultimate "
-                          "layer), stratified 5-fold cross-validation over the train + val images, L2 strength "
-                          "chosen from (1, 0.1, 0.01, 0.001) by the same cross-validation; the test split is not read",
+    "predicted_accuracy": "multinomial logistic regression on standardised frozen features (the head's input and "
+                          "the spatially averaged outputs of the two stages before the last, concatenated), "
+                          "stratified 5-fold cross-validation over the train + val images, L2 strength chosen from "
+                          "(1, 0.1, 0.01, 0.001) by the same cross-validation; the test split is not read",
+    "head_probe_accuracy": "the same probe on the head's input alone: what `--mode features` trains on",
     "logme": "LogME (You et al., ICML 2021): log marginal evidence per image of a Bayesian linear model from the "
-             "raw features to each class's one-hot target at the fixed point of alpha and beta, averaged over classes",
+             "probe's features (each block centred and scaled to unit mean norm) to each class's one-hot target at "
+             "the fixed point of alpha and beta, averaged over classes",
     "latency": "the backbone with an untrained head for these classes (latency does not depend on the head's "
                "values), exported to ONNX, quantized for timing only with the target's quantizer and scheme (the "
                "same QDQ graph as `edgetransfer quantize`; ranges from 8 images of the 'quick' preset's selection, "
@@ -270,7 +285,7 @@ def _load_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
             info = json.loads(str(z["info"]))
             if info.get("key") != key:
                 return None
-            return {"features": z["features"], "labels": z["labels"], "info": info}
+            return {"blocks": {name: z[name] for name in info["blocks"]}, "labels": z["labels"], "info": info}
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 -- a damaged cache is recomputed, never trusted
@@ -278,20 +293,53 @@ def _load_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def _embed(bb: Any, splits: Any, size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Features mode's embedding pass (its Trainer) over train then val."""
+class _PooledStages:
+    """The spatially averaged outputs of some stages, captured during the features-mode embedding
+    pass (one forward pass gives both the head's input and these)."""
+
+    def __init__(self, modules: Sequence[Any]):
+        self.rows: list[list[np.ndarray]] = [[] for _ in modules]
+        self._handles = [m.register_forward_hook(functools.partial(self._hook, k)) for k, m in enumerate(modules)]
+
+    def _hook(self, k: int, _module: Any, _inputs: Any, output: Any) -> None:
+        t = output.detach().float()
+        # (N, C, H, W) feature maps average over space, (N, L, C) tokens over the sequence
+        pooled = t.mean(dim=(2, 3)) if t.ndim == 4 else t.mean(dim=1) if t.ndim == 3 else t.reshape(len(t), -1)
+        self.rows[k].append(pooled.cpu().numpy())
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _embed(bb: Any, splits: Any, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    """Features mode's embedding pass (its Trainer) over train then val: the head's input ("head")
+    and the pooled outputs of `PROBE_STAGES` ("stage-3", ...), as far as the backbone has them."""
     import tempfile
 
     from ..adapt.train import TrainConfig, Trainer
+    from ..backbones import stages
 
     config = TrainConfig(backbone=bb.name, weights="default", mode="features", img_size=size, resize=RESIZE)
+    every = stages(bb.model, bb.head)
+    picked = [i for i in PROBE_STAGES if -len(every) <= i < -1]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="edgetransfer-select-") as tmp:
-        trainer = Trainer(splits, bb, config, Path(tmp))
+    hooks = _PooledStages([every[i] for i in picked])
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgetransfer-select-") as tmp:
+            trainer = Trainer(splits, bb, config, Path(tmp))
+    finally:
+        hooks.close()
     (x_train, y_train), (x_val, y_val) = trainer.train_data.tensors, trainer.val_data.tensors
-    features = np.concatenate([x_train.numpy(), x_val.numpy()]).astype(np.float32)
+    head = np.concatenate([x_train.numpy(), x_val.numpy()]).astype(np.float32)
     labels = np.concatenate([y_train.numpy(), y_val.numpy()]).astype(np.int64)
-    return features.reshape(len(features), -1), labels, time.perf_counter() - started
+    blocks = {"head": head.reshape(len(head), -1)}
+    for i, rows in zip(picked, hooks.rows):
+        block = np.concatenate(rows).astype(np.float32)
+        if len(block) != len(head):  # the pass ran other batches than the embedding: do not misalign rows
+            raise RuntimeError(f"{bb.name}: stage {i} gave {len(block)} rows for {len(head)} embeddings")
+        blocks[f"stage{i}"] = block
+    return blocks, labels, time.perf_counter() - started
 
 
 # -- latency ---------------------------------------------------------------------------------------
@@ -519,21 +567,24 @@ def select(data: str | Path, *, target: str | Path, candidates: Sequence[str] = 
         if hit is None:
             log.info("[%d/%d] %s: embedding %d train + val images", i, len(pairs), cand.label, images)
             bb = factory()
-            features, labels, seconds = _embed(bb, splits, size)
-            info = {"key": key, "weights": bb.weights, "spec_source": bb.spec_source,
+            blocks, labels, seconds = _embed(bb, splits, size)
+            info = {"key": key, "weights": bb.weights, "spec_source": bb.spec_source, "blocks": list(blocks),
                     "input_spec": bb.input_spec.to_dict(), "seconds": round(seconds, 2)}
             with atomic_open(cache, "wb") as fh:
-                np.savez(fh, features=features, labels=labels, info=np.array(json.dumps(info)))
+                np.savez(fh, labels=labels, info=np.array(json.dumps(info)), **blocks)
             cand.seconds["embed"] = round(seconds, 1)
         else:
             log.info("[%d/%d] %s: embeddings from %s", i, len(pairs), cand.label, cache)
-            features, labels, info = hit["features"], hit["labels"], hit["info"]
+            blocks, labels, info = hit["blocks"], hit["labels"], hit["info"]
             cand.seconds["embed"] = 0.0
         t1 = time.perf_counter()
+        features = combine_blocks(list(blocks.values()))
         probe = linear_probe_cv(features, labels, folds=PROBE_FOLDS, seed=base.seed)
         cand.weights, cand.features, cand.samples = info["weights"], int(features.shape[1]), len(labels)
         cand.predicted_accuracy, cand.standard_error = round(probe.accuracy, 4), round(probe.standard_error, 4)
         cand.probe_l2, cand.probe_folds = probe.l2, probe.folds
+        cand.head_probe_accuracy = round(
+            linear_probe_cv(blocks["head"], labels, folds=PROBE_FOLDS, seed=base.seed).accuracy, 4)
         cand.logme = round(logme(features, labels).value, 5)
         cand.seconds["scores"] = round(time.perf_counter() - t1, 1)
         log.info("[%d/%d] %s: predicted accuracy %.3f ± %.3f, LogME %.4f; now its latency on %s (untrained head, "

@@ -111,9 +111,10 @@ def markdown(result: Any) -> str:
     lines = [f"# Backbone selection for {result.target}", "",
              f"Data `{result.data}`: {result.candidates[0].samples if result.candidates else 0} train + val images "
              "(the test split is not read). Ranked by predicted accuracy = " + result.ranks_by + "; LogME next to it.",
-             "", "| rank | backbone | input | predicted accuracy | ± SE | LogME | latency b1 p50 (ms) | p90 (ms) "
-             "| ran | Pareto front | " + (f"≤ {budget:g} ms | " if budget is not None else "") + "note |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---|---|" + ("---|" if budget is not None else "") + "---|"]
+             "", "| rank | backbone | input | predicted accuracy | ± SE | head's input alone | LogME "
+             "| latency b1 p50 (ms) | p90 (ms) | ran | Pareto front | "
+             + (f"≤ {budget:g} ms | " if budget is not None else "") + "note |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|" + ("---|" if budget is not None else "") + "---|"]
     for rank, i in enumerate(ranked(result.candidates), 1):
         c = result.candidates[i]
         note = c.latency_note or ""
@@ -121,7 +122,8 @@ def markdown(result: Any) -> str:
             note = ("preflight: builds. " if c.preflight.get("passed") else "preflight: CANNOT BUILD. ") + note
         mark = "**" if c is rec else ""
         lines.append(f"| {rank} | {mark}{c.backbone}{mark} | {c.size} | {c.predicted_accuracy:.3f} | "
-                     f"{c.standard_error:.3f} | {c.logme:.4f} | {_ms(c.latency_ms)} | {_ms(c.latency_p90_ms)} | "
+                     f"{c.standard_error:.3f} | {c.head_probe_accuracy:.3f} | {c.logme:.4f} | {_ms(c.latency_ms)} | "
+                     f"{_ms(c.latency_p90_ms)} | "
                      f"{c.precision or '—'} | {'yes' if c.on_front else ''} | "
                      + ("" if budget is None else ("—" if c.within_budget is None else
                                                    "yes" if c.within_budget else "no") + " | ")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -256,6 +257,21 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, classes: int, l2: float, *, w0: n
                 y_hist.pop(0)
         w, loss, grad = new_w, new_loss, new_grad
     return w
+
+
+def combine_blocks(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """Feature blocks of different widths and scales (a stage's pooled output, the head's input) as
+    one matrix: each block centred and scaled to unit mean row norm, then side by side.
+
+    The probe standardises every column anyway; LogME reads raw features, where without this the
+    widest or loudest block would decide the evidence alone.
+    """
+    out = []
+    for b in blocks:
+        b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+        b = b - b.mean(axis=0)
+        out.append(b / max(float(np.linalg.norm(b, axis=1).mean()), 1e-12))
+    return np.hstack(out).astype(np.float32)
 
 
 def linear_probe_cv(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0,
