@@ -267,10 +267,15 @@ def pair_advice(pair: tuple[str, str], report: PairReport, tgt: Target | None, r
     elif pair == ("torch", "qdq") and tgt is not None and tgt.quantization is not None:
         q = tgt.quantization
         record = _read_quantization(run, tgt)
-        if record and record.get("min_agreement") is not None and record.get("within_gates"):
-            out.append(f"`quantize` met the gates on its {record.get('agreement_samples')} val + calibration images "
-                       f"(agreement {record.get('agreement', 0):.4f}) but the {report.samples} test images disagree "
-                       "more: the val/train images may not represent the test images; add val images like them")
+        if record and record.get("within_gates"):
+            if any(f.startswith("accuracy drop") for f in report.failures):
+                out.append(_unseen_drop(record, report))
+            agreement_failed = any(f.startswith("top-1 agreement") for f in report.failures)
+            if record.get("min_agreement") is not None and agreement_failed:
+                out.append(f"`quantize` met the gates on its {record.get('agreement_samples')} val + calibration "
+                           f"images (agreement {record.get('agreement', 0):.4f}) but the {report.samples} test images "
+                           "disagree more: the val/train images may not represent the test images; add val images "
+                           "like them")
         out.append(f"calibrate differently: `edgetransfer quantize RUN --target {name} --calib percentile` "
                    f"(or --calib entropy); used: {q.calibration}")
         other = "nncf" if (record or {}).get("quantizer", q.quantizer) != "nncf" else "onnxruntime"
@@ -297,6 +302,19 @@ def pair_advice(pair: tuple[str, str], report: PairReport, tgt: Target | None, r
                        f"{1.0 / report.samples:.3f} of agreement; the {report.gates.min_agreement} gate needs "
                        f"{needed} or more to tell a model that misses it from one unlucky image (--data DIR)")
     return out
+
+
+def _unseen_drop(record: dict, report: PairReport) -> str:
+    """Why the test split saw an accuracy drop that `quantize`'s search, within its gates, did not."""
+    n, budget, seen = record.get("validation_samples") or 0, record.get("budget"), record.get("drop", 0.0)
+    images = round((report.accuracy_drop or 0.0) * report.samples / 100.0)
+    said = (f"`quantize` saw a drop of {seen:.2f} points on its {n} validation images; on the {report.samples} test "
+            f"images it is {report.accuracy_drop:.2f} points ({images} image{'s' if images != 1 else ''} net)")
+    if n and budget is not None and 100.0 / n > budget:
+        return (f"{said}. On {n} images one image is {100.0 / n:.2f} points, coarser than the {budget}-point budget: "
+                f"the search could not see a drop this size. Add labelled images to val/ (at least "
+                f"{int(np.ceil(100.0 / budget))} for one image to count less than the budget), then quantize again")
+    return f"{said}: the validation images may not represent the test images; add val images like them"
 
 
 def _read_quantization(run: Path | None, tgt: Target) -> dict | None:

@@ -150,3 +150,37 @@ def test_report_passes_only_when_every_pair_passes_and_shows_precisions():
     md = report.to_markdown()
     assert "FAILED" in md and "(int8)" in md and "(fp32)" in md
     assert "where predictions disagree" in md and all(c in md for c in classes)
+
+
+def _quantization_record(run, target: str, **fields) -> None:
+    folder = run / target
+    folder.mkdir(parents=True)
+    record = {"quantizer": "onnxruntime", "budget": 0.5, "drop": 0.0, "within_gates": True, "agreement": 1.0,
+              "agreement_samples": 300, "min_agreement": 0.99, "excluded_layers": [], **fields}
+    (folder / "quantization.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("validation_samples", [50, 400])
+def test_a_test_drop_the_search_could_not_see_is_explained_by_its_resolution(tmp_path, validation_samples):
+    """2 of 300 test images flip from right to wrong (0.67 points > 0.5) while agreement passes: the advice
+    says why `quantize` saw no drop — its 50 validation images count 2 points each — or, when it had
+    enough of them, that they may not represent the test images."""
+    from edgetransfer.targets import load_target
+    from edgetransfer.validate import pair_advice
+
+    labels = np.arange(300) % 5
+    ref = np.eye(5)[labels] * 4.0
+    cand = ref.copy()
+    cand[:2] = np.eye(5)[(labels[:2] + 1) % 5] * 4.0
+    tgt = load_target("x86-onnxruntime")
+    report = compare("quantization effect", Side("torch", "fp32"), Side("qdq", "int8"), ref, cand, labels,
+                     Gates(min_agreement=0.99, max_abs_diff=None, max_accuracy_drop=0.5))
+    assert report.failures == ["accuracy drop 0.67 points > 0.5"]
+    _quantization_record(tmp_path, tgt.name, validation_samples=validation_samples)
+    advice = " ".join(pair_advice(("torch", "qdq"), report, tgt, tmp_path))
+    assert "saw a drop of 0.00 points on its" in advice and "it is 0.67 points (2 images net)" in advice
+    assert "disagree more" not in advice  # agreement passed: the agreement advice would mislead
+    if validation_samples == 50:
+        assert "one image is 2.00 points, coarser than the 0.5-point budget" in advice and "at least 200" in advice
+    else:
+        assert "coarser" not in advice and "may not represent the test images" in advice

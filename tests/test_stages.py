@@ -75,7 +75,8 @@ def test_quantize_writes_a_qdq_model_and_its_records(staged, tiny_data):
     quantization = json.loads((out / "quantization.json").read_text())
     assert quantization["quantizer"] == "onnxruntime"  # what the x86 profile names
     assert {"fp32_val_accuracy", "int8_val_accuracy", "drop", "within_budget", "excluded_layers", "agreement",
-            "agreement_samples", "min_agreement", "within_gates", "advice"} <= set(quantization)
+            "agreement_samples", "min_agreement", "within_gates", "advice", "validation_samples"} <= set(quantization)
+    assert quantization["validation_samples"] == len(splits.val)
     assert quantization["min_agreement"] == load_target("x86-onnxruntime").gates.quantization.min_agreement
 
     written = from_dict(Target, yaml.safe_load((out / "target.yaml").read_text()))

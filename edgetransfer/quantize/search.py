@@ -85,6 +85,9 @@ class QuantizationReport:
     advice: list[str] = field(default_factory=list)
     #: what the `*_accuracy` fields and the drop measure (`Metric.name`: "accuracy" for a classifier)
     metric: str = "accuracy"
+    #: labelled validation images the drop was measured on: one image is 100 / this many points, and
+    #: when that is coarser than `budget` the search cannot see a drop the size of the budget
+    validation_samples: int = 0
     #: nodes the caller kept fp32 in every candidate (`quantize_model(float_nodes=...)`)
     float_nodes: list[str] = field(default_factory=list)
 
@@ -215,7 +218,13 @@ def quantize_model(fp32_onnx: Path, out: Path, *, scheme: Quantization, preset: 
         compiler=None if best.compiler is None else {
             "compiler": compiler.name, "samples": best.compiler.samples, "agreement": best.compiler.agreement,
             "min_cosine": best.compiler.min_cosine, "gates": asdict(compiler.gates),
-            "failures": list(best.compiler.failures)}, metric=metric.name, float_nodes=list(float_nodes))
+            "failures": list(best.compiler.failures)}, metric=metric.name, float_nodes=list(float_nodes),
+        validation_samples=len(x_val))
+    if metric is TOP1 and len(x_val) and 100.0 / len(x_val) > goal.max_drop:  # an image is a step of accuracy
+        log.warning("the %s budget (%.2f points) is finer than the validation split resolves: on %d images one "
+                    "image is %.2f points, so a drop the size of the budget cannot be seen here; `validate` judges it "
+                    "on the test split (more images in val/ let the search see it too)", metric.name, goal.max_drop,
+                    len(x_val), 100.0 / len(x_val))
     if not within_gates:
         report.advice = quantization_advice(report, scheme=scheme, preset=preset, tried=[q.name for q in quantizers],
                                             validation_samples=len(x_val))
