@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .adapt.train import TrainConfig, TrainResult, config_record, train
-from .errors import DependencyError, GateFailed
+from .data.folder import dataset_hash, scan_dataset
+from .errors import DependencyError, GateFailed, UsageError
 from .export import ONNX_FILE, export_onnx
 from .fsutil import write_json
 from .parity import ParityReport
@@ -38,16 +39,35 @@ class Recipe:
 
 
 def train_or_reuse(data: str | Path, run: Path, config: TrainConfig) -> TrainResult:
-    """Reuse a finished run with identical settings, resume an interrupted one, else train."""
+    """Reuse a finished run with identical settings on identical images, resume an interrupted one, else train.
+
+    Identical images: the dataset hash the run recorded is the hash of what `data` holds now. The
+    settings alone would reuse a model trained before images were added, removed or relabelled, and
+    every later stage would report on it as if it were trained on these; such a run is refused (exit 2,
+    naming both hashes), never reused and never overwritten.
+    """
     config_file = run / "train_config.json"
     same = config_file.exists() and json.loads(config_file.read_text()) == config_record(data, config)
     if same and (run / "meta.json").exists():
         meta = RunMeta.load(run / "meta.json")
         if "test_accuracy" in meta.metrics:
-            log.info("reusing %s (finished with the same settings)", run)
+            recorded, now = meta.data.get("hash"), _dataset_hash_now(data, meta)
+            if recorded != now:
+                raise UsageError(f"{run} was trained on other images than {data} holds now (dataset hash "
+                                 f"{str(recorded)[:12]}…, now {now[:12]}…): it is neither reused nor overwritten; "
+                                 "move it away or pick another output folder", path=run)
+            log.info("reusing %s (finished with the same settings on the same images)", run)
             history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
             return TrainResult(run=run, meta=meta, history=history)
     return train(data, run, config, resume=same and (run / "checkpoints" / "last.json").exists())
+
+
+def _dataset_hash_now(data: str | Path, meta: RunMeta) -> str:
+    """The hash `train` would record for `data` today, split and filtered the way the run was."""
+    splits = scan_dataset(data, seed=meta.data.get("seed", 0), val_fraction=meta.data.get("val_fraction", 0.15),
+                          test_fraction=meta.data.get("test_fraction", 0.15), verify=False,
+                          exclude=meta.data.get("skipped", []), held_out_classes=meta.task == "anomaly")
+    return dataset_hash(splits)
 
 
 def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None = None,

@@ -70,6 +70,37 @@ def test_a_recipe_runs_every_stage_and_a_second_run_reuses_the_training(tiny_dat
     assert "reusing" in second.output
 
 
+def test_a_finished_run_on_other_images_is_refused_not_reused_nor_overwritten(tiny_data, tmp_path):
+    """Same settings, same folder, but an image was replaced after training: reusing the run would report on
+    a model trained on other images."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from edgetransfer.adapt.train import TrainConfig
+    from edgetransfer.errors import UsageError
+    from edgetransfer.pipeline import train_or_reuse
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    config = TrainConfig(**{**TRAIN, "epochs": 1})
+    run = tmp_path / "run"
+    first = train_or_reuse(data, run, config)
+    weights = (run / "model.safetensors").read_bytes()
+    assert train_or_reuse(data, run, config).meta.data["hash"] == first.meta.data["hash"]  # same images: reused
+    assert (run / "model.safetensors").read_bytes() == weights
+
+    image = sorted((data / "train").rglob("*.png"))[0]
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    with pytest.raises(UsageError, match="trained on other images") as refused:
+        train_or_reuse(data, run, config)
+    assert first.meta.data["hash"][:12] in str(refused.value)
+    assert (run / "model.safetensors").read_bytes() == weights  # nothing overwritten
+
+
 @pytest.mark.parametrize("change, field, hint", [
     ({"calibraton": "quick"}, "calibraton", "calibration"),
     ({"train": {**TRAIN, "epoch": 1}}, "train.epoch", "epochs"),
