@@ -14,7 +14,8 @@ report says what ran, not what was asked for.
 `ov.convert_model` (not `Core.read_model`) does the conversion because it also applies the offline
 transformations: weights behind a FakeQuantize are stored as int8 in the IR (`read_model` + `save_model`
 keeps them fp32, 4x the .bin for QDQ files whose weights are fp32 initializers). Note that
-`convert_model` sends OpenVINO's anonymous usage telemetry unless the user ran `opt_in_out --opt_out`.
+`convert_model` would send OpenVINO's anonymous usage telemetry (opt-out); it runs inside
+`telemetry.telemetry_off()`, which declines it (offline, the send hung the command at exit).
 
 `openvino` is imported inside functions only: `available()` must answer when it is not installed.
 """
@@ -34,6 +35,7 @@ import numpy as np
 
 from ..errors import DependencyError, IntegrityError, UsageError
 from ..fsutil import sha256_file, write_json
+from ..telemetry import telemetry_off
 from .base import Backend, Runner
 
 XML_FILE = "model.xml"
@@ -320,7 +322,8 @@ class OpenVinoBackend(Backend):
         if not _looks_like_onnx(onnx):  # before convert_model tries every frontend on it (and prints noise)
             raise IntegrityError("not an ONNX model (OpenVINO's ONNX frontend does not recognise the file)", path=onnx)
         try:
-            model = ov.convert_model(str(onnx))
+            with telemetry_off():
+                model = ov.convert_model(str(onnx))
         except Exception as exc:
             raise IntegrityError(f"OpenVINO cannot convert the ONNX model ({_first_line(exc)})", path=onnx) from exc
 

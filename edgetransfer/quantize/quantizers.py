@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import DependencyError, UsageError
 from ..fsutil import atomic_path
 from ..targets import CalibrationPreset, Quantization
+from ..telemetry import telemetry_off
 from .qdq import keep_fp32, signed_activations, snap_biases
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class Quantizer(abc.ABC):
         import onnx
 
         reference = onnx.load(str(fp32_onnx))
-        with tempfile.TemporaryDirectory(prefix="edgetransfer-quantize-") as tmp, _quiet(self.name):
+        with tempfile.TemporaryDirectory(prefix="edgetransfer-quantize-") as tmp, _quiet(self.name), telemetry_off():
             raw = Path(tmp) / "quantized.onnx"
             self._quantize(Path(fp32_onnx), raw, scheme=scheme, preset=preset, calibration=calibration,
                            input_name=input_name(reference), exclude=list(exclude), float_weights=float_weights,
