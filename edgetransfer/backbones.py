@@ -79,6 +79,29 @@ def list_backbones(*, include_timm: bool = True) -> list[str]:
     return packaged + _torchvision_names() + (_timm_names() if include_timm else [])
 
 
+def check_name(name: str, *, field: str = "backbone") -> None:
+    """Exit 2 with a did-you-mean unless `create` knows `name` (a packaged or torchvision backbone, or
+    `timm/<name>` when timm is installed): callers that build several backbones check every name first."""
+    import difflib
+
+    if name.startswith("timm/"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise DependencyError(f"{name} is a timm backbone: pip install timm") from exc
+        bare = name.removeprefix("timm/")
+        if timm.is_model(bare):
+            return
+        close = [f"timm/{c}" for c in difflib.get_close_matches(bare, timm.list_models(), n=1)]
+    else:
+        known = list_backbones(include_timm=False)
+        if name in known:
+            return
+        close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UsageError(f"unknown backbone {name!r}; {hint}`edgetransfer backbones` lists them", field=field)
+
+
 def offline_weights(name: str) -> tuple[str, str]:
     """(status, detail) of `name`'s default weights on this machine, without loading them:
     status is "yes" (found offline), "no" (where they would be and how to get them) or "none"."""
@@ -310,12 +333,7 @@ def create(name: str, num_classes: int, *, weights: str = "none", img_size: int 
     else:
         import torchvision
 
-        if name not in _torchvision_names():
-            import difflib
-
-            close = difflib.get_close_matches(name, list_backbones(include_timm=False), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UsageError(f"unknown backbone {name!r}; {hint}`edgetransfer backbones` lists them", field="backbone")
+        check_name(name)
         model = torchvision.models.get_model(name, weights=None)
         if weights not in ("none", "") and not is_path:
             enum = _weights_enum(name, weights)

@@ -31,7 +31,6 @@ and `OUT/select.json`, `OUT/select.md`, `OUT/select.png`, each written atomicall
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import logging
@@ -183,29 +182,14 @@ def _slug(name: str) -> str:
 
 def check_candidates(candidates: Sequence[str]) -> list[str]:
     """The candidate names, each known to the registry (exit 2 with a did-you-mean otherwise)."""
-    from ..backbones import list_backbones
+    from ..backbones import check_name
 
     names = list(dict.fromkeys(c.strip() for c in candidates if c and c.strip()))
     if not names:
         raise UsageError("no candidate backbones given; e.g. --candidates efficientnet_lite0,efficientnet_lite1",
                          field="candidates")
-    known = list_backbones(include_timm=False)
     for name in names:
-        if name.startswith("timm/"):
-            try:
-                import timm
-            except ImportError as exc:
-                raise DependencyError(f"{name} is a timm backbone: pip install timm") from exc
-            if timm.is_model(name.removeprefix("timm/")):
-                continue
-            close = difflib.get_close_matches(name.removeprefix("timm/"), timm.list_models(), n=1)
-            hint = f" (did you mean 'timm/{close[0]}'?)" if close else ""
-        elif name in known:
-            continue
-        else:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"unknown backbone {name!r}{hint}; `edgetransfer backbones` lists them", field="candidates")
+        check_name(name, field="candidates")
     return names
 
 
