@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .adapt.train import TrainConfig, TrainResult, config_record, train
-from .data.folder import dataset_hash, scan_dataset
-from .errors import DependencyError, GateFailed, UsageError
+from .data.folder import dataset_hash
+from .errors import DataError, DependencyError, GateFailed, UsageError
 from .export import ONNX_FILE, export_onnx
 from .fsutil import write_json
 from .parity import ParityReport
 from .schema import from_dict, read_yaml
 from .spec import RunMeta
-from .stages import as_target, compile_run, quantize_run
+from .stages import as_target, compile_run, quantize_run, split_like_run
 from .targets import Target, load_calibration
 from .validate import validate
 
@@ -51,23 +51,19 @@ def train_or_reuse(data: str | Path, run: Path, config: TrainConfig) -> TrainRes
     if same and (run / "meta.json").exists():
         meta = RunMeta.load(run / "meta.json")
         if "test_accuracy" in meta.metrics:
-            recorded, now = meta.data.get("hash"), _dataset_hash_now(data, meta)
+            recorded = meta.data.get("hash")
+            try:
+                now = dataset_hash(split_like_run(data, meta))
+                why = f"dataset hash {str(recorded)[:12]}…, now {now[:12]}…"
+            except DataError as exc:  # a class folder added or removed since: it no longer splits the same way
+                now, why = None, str(exc)
             if recorded != now:
-                raise UsageError(f"{run} was trained on other images than {data} holds now (dataset hash "
-                                 f"{str(recorded)[:12]}…, now {now[:12]}…): it is neither reused nor overwritten; "
-                                 "move it away or pick another output folder", path=run)
+                raise UsageError(f"{run} was trained on other images than {data} holds now ({why}): it is neither "
+                                 "reused nor overwritten; move it away or pick another output folder", path=run)
             log.info("reusing %s (finished with the same settings on the same images)", run)
             history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
             return TrainResult(run=run, meta=meta, history=history)
     return train(data, run, config, resume=same and (run / "checkpoints" / "last.json").exists())
-
-
-def _dataset_hash_now(data: str | Path, meta: RunMeta) -> str:
-    """The hash `train` would record for `data` today, split and filtered the way the run was."""
-    splits = scan_dataset(data, seed=meta.data.get("seed", 0), val_fraction=meta.data.get("val_fraction", 0.15),
-                          test_fraction=meta.data.get("test_fraction", 0.15), verify=False,
-                          exclude=meta.data.get("skipped", []), held_out_classes=meta.task == "anomaly")
-    return dataset_hash(splits)
 
 
 def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None = None,

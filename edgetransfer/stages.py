@@ -51,13 +51,19 @@ def run_splits(meta: RunMeta) -> DatasetSplits:
     if not root or not Path(root).exists():
         raise UsageError(f"the run's dataset is not at its recorded location {root!r}; pass --data DIR",
                          field="data.root")
-    splits = scan_dataset(root, classes=meta.classes, seed=meta.data.get("seed", 0),
-                          val_fraction=meta.data.get("val_fraction", 0.15),
-                          test_fraction=meta.data.get("test_fraction", 0.15), verify=False,
-                          exclude=meta.data.get("skipped", []), held_out_classes=meta.task == "anomaly")
+    splits = split_like_run(root, meta)
     if dataset_hash(splits) != meta.data.get("hash"):
         log.warning("dataset at %s changed since training (hash differs)", root)
     return splits
+
+
+def split_like_run(root: str | Path, meta: RunMeta) -> DatasetSplits:
+    """The images under `root`, split and filtered as the run's were (its classes, seed, fractions and
+    skipped files): their `dataset_hash` equals the run's recorded one exactly when nothing changed."""
+    return scan_dataset(root, classes=meta.classes, seed=meta.data.get("seed", 0),
+                        val_fraction=meta.data.get("val_fraction", 0.15),
+                        test_fraction=meta.data.get("test_fraction", 0.15), verify=False,
+                        exclude=meta.data.get("skipped", []), held_out_classes=meta.task == "anomaly")
 
 
 def iter_batches(samples: Sequence[Sample], spec: InputSpec, batch_size: int, *,

@@ -99,6 +99,10 @@ def test_a_finished_run_on_other_images_is_refused_not_reused_nor_overwritten(ti
         train_or_reuse(data, run, config)
     assert first.meta.data["hash"][:12] in str(refused.value)
     assert (run / "model.safetensors").read_bytes() == weights  # nothing overwritten
+    shutil.copytree(data / "train" / "ok", data / "train" / "dent")  # a class the run never had
+    with pytest.raises(UsageError, match="trained on other images.*dent"):
+        train_or_reuse(data, run, config)
+    assert (run / "model.safetensors").read_bytes() == weights
 
 
 @pytest.mark.parametrize("change, field, hint", [
