@@ -22,14 +22,19 @@ log = logging.getLogger(__name__)
 def parity_figure(report: ParityReport, pairs: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray,
                   predictions: np.ndarray, path: Path) -> Path | None:
     """One scatter of reference vs candidate logits per pair, then the deployed model's confusion matrix."""
-    fig = draw_parity_figure(report, pairs, labels, predictions)
+    return save_figure(draw_parity_figure(report, pairs, labels, predictions), path)
+
+
+def save_figure(fig: Any, path: Path) -> Path | None:
+    """Write `fig` as a PNG atomically (nothing clipped at the edges) and close it; None (logged) when
+    there is no figure because matplotlib is not installed."""
     if fig is None:
         log.info("matplotlib not installed: %s not drawn", path)
         return None
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # nothing clipped at the edges
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -93,16 +98,7 @@ def draw_parity_figure(report: ParityReport, pairs: dict[str, tuple[np.ndarray, 
 
 def select_figure(result: Any, path: Path) -> Path | None:
     """`select`'s picture: predicted accuracy against measured latency, the Pareto front highlighted."""
-    fig = draw_select_figure(result)
-    if fig is None:
-        log.info("matplotlib not installed: %s not drawn", path)
-        return None
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(draw_select_figure(result), path)
 
 
 def draw_select_figure(result: Any) -> Any:

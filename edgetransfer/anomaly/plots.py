@@ -9,20 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import atomic_path
+from ..plots import save_figure
 from ..spec import InputSpec
 from .metrics import NORMALISED_THRESHOLD, auroc
 
 log = logging.getLogger(__name__)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def score_histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray, path: Path) -> Path | None:
@@ -46,7 +37,7 @@ def score_histograms(scores: dict[str, np.ndarray], anomalous: np.ndarray, path:
         ax.legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("anomaly score (threshold 0.5)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pictures(x: np.ndarray, spec: InputSpec) -> list[np.ndarray]:
@@ -76,7 +67,7 @@ def map_overlays(images: list[np.ndarray], maps: list[np.ndarray], titles: list[
         ax.imshow(np.clip(heat, 0.0, 1.0), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["map_overlays", "pictures", "score_histograms"]

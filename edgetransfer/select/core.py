@@ -345,10 +345,8 @@ def _prepare_candidate(folder: Path, meta: Any, model_factory: Any) -> None:
 
     fingerprint = {"edgetransfer": __version__, "opset": OPSET, "meta": meta.to_dict()}
     record = folder / "candidate.json"
-    try:
-        same = json.loads(record.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-    except (OSError, ValueError, AttributeError):
-        same = False
+    previous = _read_json(record)
+    same = isinstance(previous, dict) and previous.get("fingerprint") == fingerprint
     if same and (folder / ONNX_FILE).is_file() and (folder / "meta.json").is_file():
         return
     if folder.exists():
