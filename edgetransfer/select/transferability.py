@@ -12,8 +12,8 @@ Both estimators read one forward pass of a pretrained backbone over the train + 
   beta by the paper's fixed-point iteration, divided by the number of images and averaged over the
   classes. No hyperparameters, no folds; a score, not an accuracy.
 
-`kendall_tau_b` and `pareto_front` are the small pieces of ranking arithmetic `select` and its
-benchmark need. Nothing here imports torch or scikit-learn.
+`combine_blocks` puts features of several stages side by side for both. `kendall_tau_b` and
+`pareto_front` are the small pieces of ranking arithmetic `select` and its benchmark need. Nothing here imports torch or scikit-learn.
 """
 
 from __future__ import annotations
