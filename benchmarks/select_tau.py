@@ -32,9 +32,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from edgetransfer.adapt.train import TrainConfig
 from edgetransfer.bench import _machine
-from edgetransfer.data.synthetic import SyntheticConfig, generate_dataset
+from edgetransfer.data.synthetic import generate_dataset
 from edgetransfer.demo import DemoConfig
 from edgetransfer.fsutil import write_json
 from edgetransfer.pipeline import train_or_reuse
@@ -43,20 +42,9 @@ from edgetransfer.select import kendall_tau_b, select
 
 def demo_data(work: Path) -> Path:
     """The demo's dataset (same generator, seed, size and counts as `run_demo`)."""
-    cfg = DemoConfig()
     data = work / "data" / "defects"
-    generate_dataset(data, SyntheticConfig(
-        task="defects", size=cfg.generated_size, seed=cfg.seed + 2,
-        counts={"train": cfg.train_per_class, "val": cfg.val_per_class, "test": cfg.test_per_class}))
+    generate_dataset(data, DemoConfig().data)
     return data
-
-
-def recipe(backbone: str, size: int, seed: int = 0) -> TrainConfig:
-    """The demo's finetune recipe at another backbone and input size (seed 0: the demo's own seed)."""
-    d = DemoConfig()
-    return TrainConfig(backbone=backbone, weights=d.weights, mode="finetune", img_size=size, epochs=d.epochs, lr=d.lr,
-                       backbone_lr_mult=d.backbone_lr_mult, batch_size=d.batch_size, seed=d.seed + seed,
-                       patience=d.epochs)
 
 
 def seed_agreement(rows: list[dict]) -> float | None:
@@ -93,7 +81,8 @@ def main() -> int:
         runs = []
         for seed in seeds:
             name = f"{c.backbone}-{c.size}" + (f"-seed{seed}" if seed else "")
-            runs.append(train_or_reuse(data, args.work / "finetune" / name, recipe(c.backbone, c.size, seed)))
+            config = DemoConfig().finetune_recipe(c.backbone, c.size, seed)
+            runs.append(train_or_reuse(data, args.work / "finetune" / name, config))
             print(f"fine-tuned {c.label} seed {seed}: test accuracy {runs[-1].test_accuracy:.4f}", flush=True)
         per_seed = [r.test_accuracy for r in runs]
         m = runs[0].meta.metrics
@@ -134,7 +123,7 @@ def main() -> int:
                      "tau_b_logme": tau_logme if len(rows) > 1 else None, "tau_b_between_seeds": between,
                      "tau_b_head_probe": tau_head if len(rows) > 1 else None, "pairs": len(rows), "seeds": seeds,
                      "select_seconds": round(select_seconds, 1), "target": args.target, "data": str(data),
-                     "recipe": {k: v for k, v in asdict(recipe("BACKBONE", 160)).items()
+                     "recipe": {k: v for k, v in asdict(DemoConfig().finetune_recipe()).items()
                                 if k not in ("backbone", "img_size")},
                      "recommendation": result.recommendation.message, "rows": rows, "machine": _machine()})
     print(f"wrote {out}")

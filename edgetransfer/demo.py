@@ -71,6 +71,21 @@ class DemoConfig:
     def is_quick(self) -> bool:
         return self == DemoConfig.quick()
 
+    @property
+    def data(self) -> SyntheticConfig:
+        """The generated defect dataset (its own seed, apart from training's)."""
+        return SyntheticConfig(task="defects", size=self.generated_size, seed=self.seed + 2,
+                               counts={"train": self.train_per_class, "val": self.val_per_class,
+                                       "test": self.test_per_class})
+
+    def finetune_recipe(self, backbone: str | None = None, img_size: int | None = None, seed: int = 0) -> TrainConfig:
+        """The demo's finetune recipe; `select` and its benchmark ask for it at other backbones and sizes,
+        and the benchmark at other seeds (`seed` is added to the demo's own)."""
+        return TrainConfig(backbone=backbone or self.backbone, weights=self.weights, mode="finetune",
+                           img_size=img_size or self.img_size, epochs=self.epochs, lr=self.lr,
+                           backbone_lr_mult=self.backbone_lr_mult, batch_size=self.batch_size,
+                           seed=self.seed + seed, patience=self.epochs)
+
 
 def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None, quick: bool = False) -> dict[str, Any]:
     """Generate data; adapt the ImageNet backbone (features and finetune modes); train the same network
@@ -81,13 +96,9 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig | None = None,
     out = Path(out)
     t0 = time.perf_counter()
     data = out / "data" / "defects"
-    generate_dataset(data, SyntheticConfig(
-        task="defects", size=cfg.generated_size, seed=cfg.seed + 2,
-        counts={"train": cfg.train_per_class, "val": cfg.val_per_class, "test": cfg.test_per_class}), progress=True)
+    generate_dataset(data, cfg.data, progress=True)
 
-    recipe = TrainConfig(backbone=cfg.backbone, weights=cfg.weights, mode="finetune", img_size=cfg.img_size,
-                         epochs=cfg.epochs, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_mult,
-                         batch_size=cfg.batch_size, seed=cfg.seed, patience=cfg.epochs)
+    recipe = cfg.finetune_recipe()
     log.info("[1/4] adapting ImageNet %s to the defect task: finetune", cfg.backbone)
     finetune = train_or_reuse(data, out / "transfer-finetune", recipe)
     log.info("[2/4] adapting ImageNet %s: features mode (frozen backbone, head only)", cfg.backbone)
