@@ -68,6 +68,27 @@ def artifacts(name: str, size: int, work: Path) -> list[tuple[str, Runner]]:
             QUANTIZERS[quantizer]().quantize(fp32, q, scheme=cpu.quantization, preset=preset, calibration=calib)
             xml = ov.compile(q, cpu, work / f"{name}-ov-int8-{quantizer}")
             out.append((f"openvino intel-cpu int8 ({quantizer} QDQ)", ov.load(xml, cpu)))
+        if QUANTIZERS["nncf"]().available() is None:
+            out.append(("openvino int8, hand-rolled (nncf.quantize defaults)",
+                        ov.load(ov.compile(nncf_defaults(fp32, calib, work / f"{name}.nncf-defaults.onnx"), cpu,
+                                           work / f"{name}-ov-nncf-defaults"), cpu)))
+    return out
+
+
+def nncf_defaults(fp32: Path, calib: list[np.ndarray], out: Path) -> Path:
+    """What a user writes by hand: `nncf.quantize(model, dataset)` with every option at its default
+    (8-bit weights but the first layer, residual Adds quantized, NNCF's own bias correction)."""
+    import nncf
+    import onnx
+
+    from edgetransfer.quantize.quantizers import input_name
+    from edgetransfer.telemetry import telemetry_off
+
+    model = onnx.load(str(fp32))
+    name = input_name(model)
+    with telemetry_off():
+        quantized = nncf.quantize(model, nncf.Dataset(calib, lambda b: {name: b}))
+    onnx.save_model(quantized, str(out))
     return out
 
 

@@ -338,20 +338,26 @@ def _print_warnings(warnings: list[str]) -> None:
 
 
 def _print_parity(report: Any) -> None:
+    from .evidence import interval_text
+
     if report.summary.get("task") == "anomaly":
         rows = [[p.pair, p.samples, "—" if p.candidate_auroc is None else f"{p.reference_auroc:.4f} / {p.candidate_auroc:.4f}",
-                 f"{p.decision_agreement:.4f}", "—" if p.score_spearman is None else f"{p.score_spearman:.5f}",
+                 f"{p.decision_agreement:.4f} {interval_text(p.agreement_interval, '.3f')}",
+                 "—" if p.score_spearman is None else f"{p.score_spearman:.5f}",
                  f"{p.max_abs_diff_rel:.2e}", "pass" if p.passed else "FAIL: " + "; ".join(p.failures)]
                 for p in report.pairs]
-        _table("parity (anomaly scores, threshold 0.5)", ["pair", "samples", "AUROC ref / cand", "decision agreement",
-                                                          "Spearman", "max |Δ|/thr", "gate"], rows)
+        _table("parity (anomaly scores, threshold 0.5; intervals 95 %)",
+               ["pair", "samples", "AUROC ref / cand", "decision agreement", "Spearman", "max |Δ|/thr", "gate"], rows)
         return
     rows = []
     for p in report.pairs:
         acc = "—" if p.candidate_accuracy is None else f"{p.reference_accuracy:.4f} / {p.candidate_accuracy:.4f}"
-        rows.append([p.pair, p.samples, acc, f"{p.agreement:.4f}", f"{p.max_abs_diff:.2e}", f"{p.min_cosine:.6f}",
-                     "pass" if p.passed else "FAIL: " + "; ".join(p.failures)])
-    _table("parity", ["pair", "samples", "accuracy ref / cand", "agreement", "max |Δ|", "min cosine", "gate"], rows)
+        ev = p.drop_evidence
+        drop = "—" if ev is None else f"{ev['drop']:.2f} {interval_text(ev['interval'], '.2f')} ({ev['worse']}/{ev['better']})"
+        rows.append([p.pair, p.samples, acc, drop, f"{p.agreement:.4f} {interval_text(p.agreement_interval, '.3f')}",
+                     f"{p.max_abs_diff:.2e}", f"{p.min_cosine:.6f}", "pass" if p.passed else "FAIL: " + "; ".join(p.failures)])
+    _table("parity (intervals 95 %; drop in points, images worse/better)",
+           ["pair", "samples", "accuracy ref / cand", "drop", "agreement", "max |Δ|", "min cosine", "gate"], rows)
 
 
 @main.group(invoke_without_command=True)
@@ -414,19 +420,27 @@ def quantize(run: Path, target: str, calib: str | None, quantizer: str | None,
     gate = "" if r.min_agreement is None else f" and agreement >= {r.min_agreement}"
     if compiled:
         gate += f" and {r.compiler['compiler']} fidelity"
-    if r.fallback:
-        _table(f"kept in fp32 to meet the {r.budget} point budget{gate}",
-               ["layer", "op", f"val {r.metric} after", "drop after (pts)", "saved (pts)", "agreement after",
-                *(["compiled min cosine after"] if compiled else [])],
-               [[f["layer"], f["op_type"], _fmt(f["val_accuracy_after"]), f"{f['drop_after']:.2f}",
-                 f"{f['saved_points']:.2f}", _fmt(f.get("agreement_after")),
-                 *([_fmt(f.get("compiler_min_cosine_after"))] if compiled else [])] for f in r.fallback])
+    if r.fallback or r.fallback_rejected:
+        aim = (f"agreement {r.aim['agreement']:.4f}" if r.aim.get("agreement") is not None else "") + \
+              (f", min cosine {r.aim['min_cosine']}" if r.aim.get("min_cosine") is not None else "")
+        tried = sorted([*[(f, "kept") for f in r.fallback], *[(f, "put back") for f in r.fallback_rejected]],
+                       key=lambda t: -t[0]["sensitivity"])
+        _table(f"layers tried in fp32 (the {r.budget} point budget{gate}; aiming at {aim or 'the gates'}), "
+               "most sensitive first",
+               ["layer", "op", "share of error", f"val {r.metric} after", "drop after (pts)", "agreement after",
+                "min cosine after", *(["compiled min cosine after"] if compiled else []), "kept"],
+               [[f["layer"], f["op_type"], f"{f['sensitivity']:.2f}", _fmt(f["val_accuracy_after"]),
+                 f"{f['drop_after']:.2f}", _fmt(f.get("agreement_after")), _fmt(f.get("min_cosine_after")),
+                 *([_fmt(f.get("compiler_min_cosine_after"))] if compiled else []), verdict] for f, verdict in tried])
     click.echo(f"wrote {result.model} with {r.quantizer}: drop {r.drop:.2f} points "
                f"({'within' if r.within_budget else 'OVER'} the {r.budget} point budget), agreement with fp32 "
-               f"{r.agreement:.4f} on {r.agreement_samples} val + calibration images"
+               f"{r.agreement:.4f} on {r.agreement_samples} train + val images"
                + ("" if r.min_agreement is None else
                   f" ({'meets' if r.agreement >= r.min_agreement else 'BELOW'} the {r.min_agreement} gate)")
-               + f"; calibration: {result.calibration['count']} images")
+               + ("" if r.min_cosine is None else f", min logit cosine {r.min_cosine:.4f}")
+               + f"; {len(r.excluded_layers)} layers in fp32; calibration: {result.calibration['count']} images")
+    if r.within_gates and not r.aim_met:
+        click.secho(f"meets the gates, short of the margin the search aims at: {r.stopped}", fg="yellow")
     if compiled:
         c = r.compiler
         click.echo(f"compiled by {c['compiler']} on the same images: agreement with the QDQ file {c['agreement']:.4f}, "
@@ -471,12 +485,15 @@ def check(run: Path, target: str) -> None:
 @main.command("compile")
 @run_argument()
 @click.option("--target", required=True, help="Target profile name or YAML path.")
-def compile_cmd(run: Path, target: str) -> None:
+@click.option("--allow-failed", is_flag=True,
+              help="Compile an INT8 model whose quantize missed the target's gates (to inspect it, not to ship).")
+def compile_cmd(run: Path, target: str, allow_failed: bool) -> None:
     """Build the target's artifact in RUN/<target>/ (OpenVINO IR, ONNX Runtime model + session options,
-    TensorRT engine). Without TensorRT here, a TensorRT target gets an on-device build kit and exit 3."""
+    TensorRT engine). Without TensorRT here, a TensorRT target gets an on-device build kit and exit 3.
+    Exit 1 when the INT8 model missed its quantization gates, unless --allow-failed."""
     from .stages import compile_run
 
-    artifact = compile_run(run, target)
+    artifact = compile_run(run, target, allow_failed=allow_failed)
     click.echo(f"wrote {artifact}")
 
 
@@ -531,12 +548,16 @@ def reports_cmd(folder: Path, failed: bool) -> None:
 
 
 def _print_targets(rows: list[dict[str, Any]]) -> None:
-    _table("per target: accuracy on held-out images, agreement with torch fp32, latency",
-           ["target", "precision (ran)", "fp32 acc", "deployed acc", "drop (pts)", "agreement", "latency b1 p50",
-            "gates"],
-           [[r["target"], r["precision"], _fmt(r["fp32_accuracy"]), _fmt(r["accuracy"]), f"{r['drop']:.2f}",
-             _fmt(r["agreement"]), f"{r['latency_ms']:.2f} ms", "pass" if r["passed"] else "FAIL"]
-            if "failed" not in r else [r["target"], "—", "—", "—", "—", "—", "—", "FAIL: " + r["failed"]]
+    from .evidence import interval_text
+
+    _table("per target: accuracy on held-out images, agreement with torch fp32 (95 % intervals), latency",
+           ["target", "precision (ran)", "fp32 acc", "deployed acc", "drop (pts)", "agreement", "min cosine",
+            "latency b1 p50", "gates"],
+           [[r["target"], r["precision"], _fmt(r["fp32_accuracy"]), _fmt(r["accuracy"]),
+             f"{r['drop']:.2f} {interval_text(r.get('drop_interval'), '.2f')}",
+             f"{_fmt(r['agreement'])} {interval_text(r.get('agreement_interval'), '.3f')}", _fmt(r.get("min_cosine")),
+             f"{r['latency_ms']:.2f} ms", "pass" if r["passed"] else "FAIL"]
+            if "failed" not in r else [r["target"], "—", "—", "—", "—", "—", "—", "—", "FAIL: " + r["failed"]]
             for r in rows])
 
 
@@ -682,9 +703,12 @@ def demo(out: Path, quick: bool) -> None:
            ["defect type", "test AUROC (torch fp32)"],
            [[name, f"{value:.4f}"] for name, value in (a["per_type"] or {}).items()]
            + ([["mean of types", f"{a['mean_of_types']:.4f}"]] if a.get("mean_of_types") is not None else []))
-    _table("anomaly scorer deployed (parity judged by scores)",
+    from .evidence import interval_text
+
+    _table("anomaly scorer deployed (parity judged by scores; 95 % intervals)",
            ["target", "AUROC fp32 → deployed", "decision agreement", "latency b1 p50", "gates"],
-           [[t["target"], f"{t['fp32_auroc']:.4f} → {t['auroc']:.4f}", f"{t['decision_agreement']:.4f}",
+           [[t["target"], f"{t['fp32_auroc']:.4f} → {t['auroc']:.4f}",
+             f"{t['decision_agreement']:.4f} {interval_text(t.get('agreement_interval'), '.3f')}",
              f"{t['latency_ms']:.2f} ms", "pass" if t["passed"] else "FAIL"]
             for t in a["targets"] if t["passed"] is not None])
     click.echo(f"\nartifacts in {out}: {result['onnx']}, {result['report']}, {a['maps'] or a['run']}  "

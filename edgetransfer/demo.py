@@ -27,6 +27,7 @@ from typing import Any
 
 from .adapt.train import TrainConfig
 from .data.synthetic import SyntheticConfig, generate_dataset
+from .evidence import interval_text
 from .export import export_onnx
 from .fsutil import write_json, write_text
 from .pipeline import deploy_target, train_or_reuse
@@ -234,11 +235,14 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
              "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {m['name']} | {m['pretraining']} | {m['labelled_per_class']} | {m['test_accuracy']:.4f} | "
               f"{m['epochs_run']} | {m['train_seconds']} s |" for m in summary["models"]]
-    lines += ["", "| target | precision | fp32 acc | deployed acc | agreement | latency b1 p50 | gates |",
-              "|---|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {t['target']} | skipped: {t['skipped']} | | | | | |" if t["passed"] is None else
-              f"| {t['target']} | {t['precision']} | {t['fp32_accuracy']:.4f} | {t['accuracy']:.4f} | "
-              f"{t['agreement']:.4f} | {t['latency_ms']:.2f} ms | {'pass' if t['passed'] else 'FAIL'} |"
+    lines += ["", "| target | precision | test images | fp32 acc | deployed acc | drop (pts) [95 %] | "
+                  "agreement [95 %] | min cosine | latency b1 p50 | gates |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {t['target']} | skipped: {t['skipped']} | | | | | | | | |" if t["passed"] is None else
+              f"| {t['target']} | {t['precision']} | {t.get('samples')} | {t['fp32_accuracy']:.4f} | "
+              f"{t['accuracy']:.4f} | {t['drop']:.2f} {interval_text(t.get('drop_interval'), '.2f')} | "
+              f"{t['agreement']:.4f} {interval_text(t.get('agreement_interval'))} | "
+              f"{t.get('min_cosine', float('nan')):.4f} | {t['latency_ms']:.2f} ms | {'pass' if t['passed'] else 'FAIL'} |"
               for t in summary["targets"]]
     if (b := summary.get("bundle")) is not None:
         lines += ["", f"Bundle `{b['archive']}` (digest `{b['digest'][:16]}…`): parity at bundle time "
@@ -257,10 +261,11 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {name} | {value:.4f} |" for name, value in (a["per_type"] or {}).items()]
         if a.get("mean_of_types") is not None:
             lines.append(f"| mean of types | {a['mean_of_types']:.4f} |")
-        lines += ["", "| target | AUROC fp32 → deployed | decision agreement | latency b1 p50 | gates |",
+        lines += ["", "| target | AUROC fp32 → deployed | decision agreement [95 %] | latency b1 p50 | gates |",
                   "|---|---|---:|---:|---|"]
         lines += [f"| {t['target']} | skipped: {t['skipped']} | | | |" if t["passed"] is None else
-                  f"| {t['target']} | {t['fp32_auroc']:.4f} → {t['auroc']:.4f} | {t['decision_agreement']:.4f} | "
+                  f"| {t['target']} | {t['fp32_auroc']:.4f} → {t['auroc']:.4f} | {t['decision_agreement']:.4f} "
+                  f"{interval_text(t.get('agreement_interval'))} | "
                   f"{t['latency_ms']:.2f} ms | {'pass' if t['passed'] else 'FAIL'} |" for t in a["targets"]]
         if a.get("maps"):
             lines += ["", f"Anomaly maps: `{a['maps']}`"]

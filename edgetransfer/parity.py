@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .evidence import image_points, interval_text, paired_drop, wilson
+
 
 @dataclass(frozen=True)
 class Gates:
@@ -48,6 +50,12 @@ class PairReport:
     failures: list[str] = field(default_factory=list)
     disagreement_confusion: list[list[int]] | None = None  # rows: reference prediction, cols: candidate
     advice: list[str] = field(default_factory=list)  # when a gate failed: what to try next (the caller's words)
+    #: what the split resolves (`evidence`): a 95 % Wilson interval on the agreement, one image in
+    #: points, and with labels the paired drop (images made worse / better, Newcombe interval, exact
+    #: McNemar p). The gates judge the figures themselves; these say how much one image moves them.
+    agreement_interval: tuple[float, float] = (0.0, 1.0)
+    image_points: float | None = None
+    drop_evidence: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -56,6 +64,7 @@ class PairReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["passed"] = self.passed
+        d["agreement_interval"] = [round(v, 6) for v in self.agreement_interval]
         # a non-finite candidate makes the diffs NaN/inf, which strict JSON cannot hold: write null
         # (the failure list says why) so that the report of exactly this failure can still be written
         for key in ("max_abs_diff", "mean_abs_diff", "min_cosine"):
@@ -85,17 +94,20 @@ def compare(pair: str, reference: Side, candidate: Side, ref_logits: np.ndarray,
     ref_pred, cand_pred = ref_logits.argmax(1), cand_logits.argmax(1)
     diff = np.abs(ref_logits.astype(np.float64) - cand_logits.astype(np.float64))
     finite = bool(np.isfinite(cand_logits).all())
-    ref_acc = cand_acc = drop = None
+    ref_acc = cand_acc = drop = evidence = None
     if labels is not None and n:
         ref_acc = float((ref_pred == labels).mean())
         cand_acc = float((cand_pred == labels).mean())
-        drop = round((ref_acc - cand_acc) * 100.0, 6)
+        paired = paired_drop(ref_pred == labels, cand_pred == labels)
+        drop, evidence = paired.drop, paired.to_dict()
+    same = int((ref_pred == cand_pred).sum())
     report = PairReport(
         pair=pair, reference=reference, candidate=candidate, samples=n,
         reference_accuracy=ref_acc, candidate_accuracy=cand_acc, accuracy_drop=drop,
         agreement=float((ref_pred == cand_pred).mean()) if n else 1.0,
         max_abs_diff=float(diff.max()) if n else 0.0, mean_abs_diff=float(diff.mean()) if n else 0.0,
-        min_cosine=float(_cosine(ref_logits, cand_logits).min()) if n else 1.0, gates=gates)
+        min_cosine=float(_cosine(ref_logits, cand_logits).min()) if n else 1.0, gates=gates,
+        agreement_interval=wilson(same, n), image_points=image_points(n), drop_evidence=evidence)
     if not finite:
         report.failures.append("candidate produced non-finite outputs")
     if gates.min_agreement is not None and report.agreement < gates.min_agreement:
@@ -144,16 +156,21 @@ class ParityReport:
             lines += [f"> **WARNING:** {w}", ""]
         for key, value in self.context.items():
             lines.append(f"- **{key}**: {value}")
-        lines += ["", "| pair | reference (precision) | candidate (precision) | samples | ref acc | cand acc | "
-                      "drop (pts) | agreement | max abs diff | mean abs diff | min cosine | passed |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "| pair | reference (precision) | candidate (precision) | samples | one image (pts) | ref acc | "
+                      "cand acc | drop (pts) [95 %] | images worse / better | agreement [95 %] | max abs diff | "
+                      "mean abs diff | min cosine | passed |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in self.pairs:
+            ev = p.drop_evidence
             lines.append(
                 f"| {p.pair} | {p.reference.name} ({p.reference.precision}) | {p.candidate.name} "
-                f"({p.candidate.precision}) | {p.samples} | {_pct(p.reference_accuracy)} | "
-                f"{_pct(p.candidate_accuracy)} | {_num(p.accuracy_drop, '.2f')} | {p.agreement:.4f} | "
-                f"{p.max_abs_diff:.3g} | {p.mean_abs_diff:.3g} | {p.min_cosine:.6f} | "
-                f"{'yes' if p.passed else '**NO**'} |")
+                f"({p.candidate.precision}) | {p.samples} | {_num(p.image_points, '.2f')} | "
+                f"{_pct(p.reference_accuracy)} | {_pct(p.candidate_accuracy)} | {_num(p.accuracy_drop, '.2f')} "
+                f"{'' if ev is None else interval_text(ev['interval'], '.2f')} | "
+                f"{_changed(ev)} | {p.agreement:.4f} "
+                f"{interval_text(p.agreement_interval)} | {p.max_abs_diff:.3g} | {p.mean_abs_diff:.3g} | "
+                f"{p.min_cosine:.6f} | {'yes' if p.passed else '**NO**'} |")
+        lines += ["", READING]
         for p in self.pairs:
             if p.failures:
                 lines += ["", f"## {p.pair}: failed gates", *[f"- {f}" for f in p.failures]]
@@ -166,6 +183,16 @@ class ParityReport:
                 lines += [f"| **{c}** | " + " | ".join(str(v) for v in row) + " |"
                           for c, row in zip(self.classes, p.disagreement_confusion)]
         return "\n".join(lines) + "\n"
+
+
+#: how to read the intervals, under every table (README "How to read a parity verdict")
+READING = ("Intervals are 95 %: Wilson on agreement; Newcombe's paired interval on the accuracy drop, which "
+           "only the images that changed inform (exact McNemar p in parity.json). A gate judges the measured "
+           "figure; an interval that reaches across the gate means the verdict rests on a few images.")
+
+
+def _changed(evidence: dict[str, Any] | None) -> str:
+    return "—" if evidence is None else f"{evidence['worse']} / {evidence['better']}"
 
 
 def _pct(v: float | None) -> str:

@@ -131,8 +131,12 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     calibration = load_arrays(chosen.samples, meta.input_spec, description="calibration images")
     val = load_arrays(splits.val, meta.input_spec, description="validation images")
     labels = np.array([s.label for s in splits.val])
+    # agreement needs no labels: measured on every image the run may look at (never test), evenly
+    # thinned to AGREEMENT_IMAGES; the search aims past the gate on these (`Quantization.agreement_margin`)
     task: dict[str, Any] = {}
-    if meta.task == "anomaly":  # judged by AUROC and decisions; the distances to the bank stay fp32
+    if meta.task != "anomaly":
+        task["agreement_images"] = _agreement_images([*splits.train, *splits.val], meta.input_spec)
+    else:  # judged by AUROC and decisions; the distances to the bank stay fp32
         from .anomaly.deploy import float_nodes, score_metric
         from .anomaly.fit import good_index
 
@@ -150,6 +154,18 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
                             **task)
     write_json(out / "quantization.json", report.to_dict())
     return QuantizeResult(model=out / INT8_FILE, report=report, calibration=chosen.record)
+
+
+#: at most this many train/val images judge agreement in the quantization search (a classifier's run)
+AGREEMENT_IMAGES = 1000
+
+
+def _agreement_images(samples: Sequence[Sample], spec: InputSpec) -> list[np.ndarray]:
+    """Every train/val image, or AGREEMENT_IMAGES of them evenly spaced (the lists are ordered by class)."""
+    if len(samples) > AGREEMENT_IMAGES:
+        pick = np.unique(np.linspace(0, len(samples) - 1, AGREEMENT_IMAGES).astype(int))
+        samples = [samples[i] for i in pick]
+    return load_arrays(samples, spec, description="agreement images") if samples else []
 
 
 def compiler_check(target: Target) -> Any:
@@ -237,15 +253,19 @@ def _write_check(out: Path, report: Any, src: Path) -> CheckResult:
     return CheckResult(report=report, model=src, folder=out)
 
 
-def compile_run(run: str | Path, target: str | Path | Target) -> Path:
+def compile_run(run: str | Path, target: str | Path | Target, *, allow_failed: bool = False) -> Path:
     """Build the target's artifact in `RUN/<target>/` with the target's backend; return its path.
 
-    A backend with a preflight checks first (exit 1 when the model cannot build). Where the backend
-    cannot run here but has an on-device build kit (TensorRT), the kit is written and the error
-    (exit 3) says where it is.
+    An INT8 file whose `quantize` missed the target's quantization gates (`quantization.json`:
+    `within_gates` false) is refused (exit 1) unless `allow_failed`: quantize keeps that file for
+    inspection, not for shipping. A backend with a preflight checks first (exit 1 when the model
+    cannot build). Where the backend cannot run here but has an on-device build kit (TensorRT), the
+    kit is written and the error (exit 3) says where it is.
     """
     run, tgt = Path(run), as_target(target)
     src = compiled_input(run, tgt)
+    if tgt.quantized and not allow_failed:
+        _refuse_failed_quantization(run, tgt, src)
     backend = target_backend(tgt, require=False)
     out = target_dir(run, tgt)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +289,22 @@ def compile_run(run: str | Path, target: str | Path | Target) -> Path:
                                      "files": file_hashes(out, backend.artifact_files(artifact))})
     log.info("compiled %s for %s → %s", src.name, tgt.name, artifact)
     return artifact
+
+
+def _refuse_failed_quantization(run: Path, tgt: Target, src: Path) -> None:
+    record = target_dir(run, tgt) / "quantization.json"
+    try:
+        quantization = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # an INT8 file made elsewhere: validate judges it
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"unreadable quantization record: {exc}", path=record) from exc
+    if isinstance(quantization, dict) and quantization.get("within_gates") is False:
+        missed = "; ".join(quantization.get("advice") or [])[:400]
+        raise GateFailed(f"{src.name} missed {tgt.name}'s quantization gates when it was quantized (drop "
+                         f"{quantization.get('drop')} points, agreement {quantization.get('agreement')}); it is kept "
+                         f"for inspection, not compiled. Quantize again (what to try: {missed or 'see quantize'}), "
+                         f"or compile it anyway with --allow-failed", path=src)
 
 
 def file_hashes(folder: Path, files: Sequence[Path]) -> dict[str, str]:

@@ -212,11 +212,15 @@ def failed_gates(report: str | Path) -> list[str]:
 
 
 def deployed_summary(reference: np.ndarray, deployed: np.ndarray, labels: np.ndarray, precision: str) -> dict:
-    """The headline numbers a person asks first: accuracy before/after and agreement with torch."""
-    fp32_acc = float((reference.argmax(1) == labels).mean())
-    acc = float((deployed.argmax(1) == labels).mean())
-    return {"precision": precision, "fp32_accuracy": fp32_acc, "accuracy": acc, "drop": (fp32_acc - acc) * 100,
-            "agreement": float((reference.argmax(1) == deployed.argmax(1)).mean())}
+    """The headline numbers a person asks first: accuracy before/after and agreement with torch, each
+    with what the split resolves (95 % intervals, one image in points: `evidence`)."""
+    pair = compare("deployed vs torch fp32", Side("torch", "fp32"), Side("deployed", precision), reference, deployed,
+                   labels, Gates(min_agreement=None, max_abs_diff=None))
+    return {"precision": precision, "samples": pair.samples, "fp32_accuracy": pair.reference_accuracy,
+            "accuracy": pair.candidate_accuracy, "drop": pair.accuracy_drop,
+            "drop_interval": pair.drop_evidence["interval"] if pair.drop_evidence else None,
+            "agreement": pair.agreement, "agreement_interval": [round(v, 6) for v in pair.agreement_interval],
+            "min_cosine": pair.min_cosine, "image_points": pair.image_points}
 
 
 def pair_keys(sides: dict[str, _Side], tgt: Target | None) -> list[tuple[str, str]]:

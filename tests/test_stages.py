@@ -42,7 +42,9 @@ def staged(exported_run, tmp_path_factory):
     """A copy of the shared run, quantized for three targets and compiled for two (quick calibration)."""
     run = _copy_run(exported_run, tmp_path_factory.mktemp("staged") / "run")
     results = {t: quantize_run(run, t, calib="quick") for t in ("x86-onnxruntime", "intel-cpu", "jetson-orin-nano")}
-    artifacts = {t: compile_run(run, t) for t in ("x86-onnxruntime", "intel-cpu")}
+    # a barely trained model on 30 images may miss the quantization gates: compiled anyway, as the
+    # stages after quantize are what these tests look at (test_compile_refuses_... checks the refusal)
+    artifacts = {t: compile_run(run, t, allow_failed=True) for t in ("x86-onnxruntime", "intel-cpu")}
     return run, results, artifacts
 
 
@@ -53,6 +55,27 @@ def _pair(pairs: list[dict], prefix: str) -> dict:
 
 
 # ---- quantize ----------------------------------------------------------------------------------
+
+def test_compile_refuses_an_int8_model_that_missed_its_quantization_gates(staged, tmp_path):
+    """quantize exits 1 yet keeps the file for inspection: compile must not take it silently."""
+    run = _copy_run(staged[0], tmp_path / "run", "x86-onnxruntime")
+    record = run / "x86-onnxruntime" / "quantization.json"
+    quantization = json.loads(record.read_text())
+    quantization["within_gates"] = False
+    quantization["advice"] = ["`--calib percentile`: measured drop 0.00 points"]
+    record.write_text(json.dumps(quantization))
+    before = sorted(p.name for p in (run / "x86-onnxruntime").iterdir())
+    result = CliRunner().invoke(main, ["compile", str(run), "--target", "x86-onnxruntime"])
+    assert result.exit_code == 1, result.output
+    assert "missed x86-onnxruntime's quantization gates" in " ".join(result.output.split())
+    assert "--allow-failed" in result.output and "--calib percentile" in result.output
+    assert sorted(p.name for p in (run / "x86-onnxruntime").iterdir()) == before  # nothing new compiled
+    result = CliRunner().invoke(main, ["compile", str(run), "--target", "x86-onnxruntime", "--allow-failed"])
+    assert result.exit_code == 0, result.output
+    quantization["within_gates"] = True
+    record.write_text(json.dumps(quantization))
+    assert CliRunner().invoke(main, ["compile", str(run), "--target", "x86-onnxruntime"]).exit_code == 0
+
 
 def test_quantize_writes_a_qdq_model_and_its_records(staged, tiny_data):
     run, results, _ = staged
@@ -151,8 +174,8 @@ def test_an_absent_gpu_compiles_but_validate_is_exit_3_naming_it(staged, tmp_pat
 
 def test_a_tensorrt_target_is_a_missing_dependency_not_a_usage_error(staged):
     run = staged[0]
-    with pytest.raises(DependencyError) as info:
-        compile_run(run, "jetson-orin-nano")
+    with pytest.raises(DependencyError) as info:  # (allow_failed: this barely trained model may miss the gates)
+        compile_run(run, "jetson-orin-nano", allow_failed=True)
     assert info.value.exit_code == 3 and "TensorRT" in str(info.value)
 
 
@@ -234,7 +257,10 @@ def test_a_tampered_int8_model_fails_the_quantization_gate(staged, tmp_path):
     clean = _logits(int8, x)
     _roll_final_layer(int8, classes)
     tampered = _logits(int8, x)
-    assert (tampered.argmax(1) == (clean.argmax(1) + 1) % classes).all()  # the tampering took
+    # the tampering took: class c now answers what class c−1 answered. Compared as logits, not as argmax:
+    # a barely trained INT8 model ties top logits on some inputs, and which of a tie wins after the roll
+    # depends on the CPU's rounding (an AMD Zen 5 broke the argmax form of this check)
+    assert np.allclose(tampered, np.roll(clean, 1, axis=1), atol=1e-4 * max(1.0, float(np.abs(clean).max())))
     compile_run(run, target)  # compiled from the tampered model: only the quantization effect changes
 
     result = CliRunner().invoke(main, ["validate", str(run), "--target", str(target)])

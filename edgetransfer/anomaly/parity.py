@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..parity import Gates, ParityReport, Side
+from ..evidence import image_points, interval_text, wilson
+from ..parity import READING, Gates, ParityReport, Side
 from .metrics import NORMALISED_THRESHOLD, auroc, finite_or_none, spearman
 
 
@@ -42,6 +43,10 @@ class ScorePairReport:
     gates: Gates
     failures: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    #: what the split resolves: a 95 % Wilson interval on the decision agreement and one image's share
+    #: of it in points (`evidence`); the gates judge the figures themselves
+    agreement_interval: tuple[float, float] = (0.0, 1.0)
+    image_points: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -55,6 +60,7 @@ class ScorePairReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["passed"] = self.passed
+        d["agreement_interval"] = [round(v, 6) for v in self.agreement_interval]
         for key in ("max_abs_diff_rel", "mean_abs_diff_rel", "score_spearman"):
             if d[key] is not None and not np.isfinite(d[key]):
                 d[key] = None
@@ -74,10 +80,12 @@ def compare_scores(pair: str, reference: Side, candidate: Side, ref: np.ndarray,
         if ref_auc is not None and cand_auc is not None:
             drop = (ref_auc - cand_auc) * 100.0
     diff = np.abs(ref - cand) / NORMALISED_THRESHOLD
+    same = int(((ref >= NORMALISED_THRESHOLD) == (cand >= NORMALISED_THRESHOLD)).sum())
     report = ScorePairReport(
         pair=pair, reference=reference, candidate=candidate, samples=int(len(ref)), reference_auroc=ref_auc,
         candidate_auroc=cand_auc, auroc_drop=drop,
-        decision_agreement=float(((ref >= NORMALISED_THRESHOLD) == (cand >= NORMALISED_THRESHOLD)).mean()),
+        decision_agreement=same / len(ref) if len(ref) else 1.0,
+        agreement_interval=wilson(same, len(ref)), image_points=image_points(len(ref)),
         score_spearman=finite_or_none(spearman(ref, cand)) if finite else None,
         max_abs_diff_rel=float(diff.max()) if len(diff) else 0.0,
         mean_abs_diff_rel=float(diff.mean()) if len(diff) else 0.0, gates=gates)
@@ -107,16 +115,19 @@ class ScoreParityReport(ParityReport):
         lines += ["", "Scores are normalised: the threshold is 0.5. Gates: AUROC drop (`max_accuracy_drop`), "
                       "decision agreement (`min_agreement`), rank correlation (`min_cosine`), max |Δscore| / "
                       "threshold (`max_abs_diff`).", "",
-                  "| pair | reference (precision) | candidate (precision) | samples | ref AUROC | cand AUROC | "
-                  "drop (pts) | decision agreement | Spearman | max \\|Δ\\|/thr | mean \\|Δ\\|/thr | passed |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| pair | reference (precision) | candidate (precision) | samples | one image (pts) | ref AUROC | "
+                  "cand AUROC | drop (pts) | decision agreement [95 %] | Spearman | max \\|Δ\\|/thr | "
+                  "mean \\|Δ\\|/thr | passed |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in self.pairs:
             lines.append(
                 f"| {p.pair} | {p.reference.name} ({p.reference.precision}) | {p.candidate.name} "
-                f"({p.candidate.precision}) | {p.samples} | {_f(p.reference_auroc, '.4f')} | "
-                f"{_f(p.candidate_auroc, '.4f')} | {_f(p.auroc_drop, '.2f')} | {p.decision_agreement:.4f} | "
+                f"({p.candidate.precision}) | {p.samples} | {_f(p.image_points, '.2f')} | "
+                f"{_f(p.reference_auroc, '.4f')} | {_f(p.candidate_auroc, '.4f')} | {_f(p.auroc_drop, '.2f')} | "
+                f"{p.decision_agreement:.4f} {interval_text(p.agreement_interval)} | "
                 f"{_f(p.score_spearman, '.5f')} | {p.max_abs_diff_rel:.3g} | {p.mean_abs_diff_rel:.3g} | "
                 f"{'yes' if p.passed else '**NO**'} |")
+        lines += ["", READING]
         per_type = (self.summary or {}).get("auroc_per_type")
         if per_type:
             lines += ["", "## AUROC per defect type (deployed model vs torch fp32)", "",

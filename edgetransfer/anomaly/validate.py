@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..data.folder import Sample
+from ..evidence import wilson
 from ..fsutil import write_json, write_text
 from ..parity import FP32_GATES, Gates
 from ..spec import RunMeta, anomaly_outputs
@@ -106,6 +107,9 @@ def score_report(run: Path, meta: RunMeta, tgt: Target | None, m: Measured, sour
         "precision": deployed.runner.precision, "task": "anomaly", "good": meta.classes[good],
         "fp32_auroc": finite_or_none(auroc(ref, anomalous)), "auroc": finite_or_none(auroc(dep, anomalous)),
         "decision_agreement": float(((ref >= NORMALISED_THRESHOLD) == (dep >= NORMALISED_THRESHOLD)).mean()),
+        "agreement_interval": list(wilson(int(((ref >= NORMALISED_THRESHOLD) == (dep >= NORMALISED_THRESHOLD)).sum()),
+                                          len(ref))),
+        "samples": int(len(ref)),
         "decision_accuracy": float(((dep >= NORMALISED_THRESHOLD) == anomalous).mean()),
         "auroc_per_type": types, "threshold": meta.anomaly.get("threshold")}
     report = ScoreParityReport(classes=meta.classes, pairs=pairs, context=report_context(run, meta, tgt, source, m),
