@@ -92,11 +92,14 @@ def shipped_run(exported_run, tmp_path_factory) -> Path:
     run.mkdir()
     for name in ("meta.json", "model.safetensors", "model.onnx", "train_config.json", "split.json"):
         shutil.copy2(exported_run / name, run / name)
+    # a barely trained model on 30 quick-calibration images: what the tests look at is what comes after
+    # quantize, so no fp32-layer search (test_quantize and test_stages test the search) and its INT8
+    # file is compiled even where it misses the gates (test_stages checks that compile refuses that)
     for target in SHIPPED_TARGETS:
-        quantize_run(run, target, calib="quick")
-        compile_run(run, target)
+        quantize_run(run, target, calib="quick", max_fallback_layers=0)
+        compile_run(run, target, allow_failed=True)
         validate(run, target=target)
-    quantize_run(run, "jetson-orin-nano", calib="quick")
+    quantize_run(run, "jetson-orin-nano", calib="quick", max_fallback_layers=0)
     return run
 
 

