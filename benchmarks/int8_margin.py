@@ -39,6 +39,7 @@ from edgetransfer.backends import get_backend  # noqa: E402
 from edgetransfer.bench import measure  # noqa: E402
 from edgetransfer.data.calibration import select_calibration  # noqa: E402
 from edgetransfer.export import ONNX_FILE  # noqa: E402
+from edgetransfer.parity import cosines  # noqa: E402
 from edgetransfer.quantize.qdq import keep_fp32, quantized_layers  # noqa: E402
 from edgetransfer.quantize.quantizers import QUANTIZERS  # noqa: E402
 from edgetransfer.quantize.search import onnx_logits  # noqa: E402
@@ -51,22 +52,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from intel_cpu_scheme import cpu_name  # noqa: E402
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return (a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1)
-
-
-def variants(target_name: str) -> dict[str, tuple[str, dict]]:
+def variants() -> dict[str, tuple[str, dict]]:
     """name → (target profile, overrides of its quantization section)."""
     return {
         "ort-profile": ("x86-onnxruntime", {}),
         "ort-8bit": ("x86-onnxruntime", {"reduce_range": False}),
-        "ort-8bit-first7": ("x86-onnxruntime", {"reduce_range": "first_layer"}),
         "ort-sym-8bit": ("x86-onnxruntime", {"reduce_range": False, "activations": "symmetric"}),
         "ort-percentile-8bit": ("x86-onnxruntime", {"reduce_range": False, "calibration": "percentile"}),
         "nncf-profile": ("intel-cpu", {}),
         "nncf-8bit": ("intel-cpu", {"reduce_range": False}),
-        "nncf-8bit-first7": ("intel-cpu", {"reduce_range": "first_layer"}),
         "nncf-8bit-adds": ("intel-cpu", {"reduce_range": False, "float_ops": ()}),
         "ort-nncf": ("x86-onnxruntime", {"quantizer": "nncf", "activations": "symmetric", "float_ops": ("Add",)}),
         "ort-nncf-asym": ("x86-onnxruntime", {"quantizer": "nncf"}),
@@ -104,7 +98,7 @@ def main() -> int:
     print("| variant | runs in | seen agreement | seen min cos | seen p1 cos | test agreement | test min cos | "
           "test p1 cos | test drop (pts) | b1 p50 ms |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    chosen = variants("")
+    chosen = variants()
     names = args.variants.split(",") if args.variants else list(chosen)
     with tempfile.TemporaryDirectory(prefix="edgetransfer-margin-") as tmp:
         for name in names:

@@ -73,7 +73,8 @@ class PairReport:
         return d
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of two output arrays (1.0 where a row is all zeros)."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     denom = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
     return np.where(denom > 0, (a64 * b64).sum(1) / np.maximum(denom, 1e-300), 1.0)
@@ -106,7 +107,7 @@ def compare(pair: str, reference: Side, candidate: Side, ref_logits: np.ndarray,
         reference_accuracy=ref_acc, candidate_accuracy=cand_acc, accuracy_drop=drop,
         agreement=float((ref_pred == cand_pred).mean()) if n else 1.0,
         max_abs_diff=float(diff.max()) if n else 0.0, mean_abs_diff=float(diff.mean()) if n else 0.0,
-        min_cosine=float(_cosine(ref_logits, cand_logits).min()) if n else 1.0, gates=gates,
+        min_cosine=float(cosines(ref_logits, cand_logits).min()) if n else 1.0, gates=gates,
         agreement_interval=wilson(same, n), image_points=image_points(n), drop_evidence=evidence)
     if not finite:
         report.failures.append("candidate produced non-finite outputs")

@@ -93,10 +93,10 @@ def deploy_target(run: Path, target: str | Path | Target, *, calib: str | None =
         log.error("%s failed: %s", tgt.name, exc)
         return {**row, "failed": str(exc), "passed": False}
     failures = _failures(report)
-    if quantized is not None and not quantized.within_gates:
+    quantize_failed = quantized is not None and not quantized.within_gates
+    if quantize_failed:
         failures.insert(0, f"quantize missed the quantization gates on train/val images ({run / tgt.name}/quantization.json)")
-    return {**row, **report.summary, "latency_ms": report.latency["p50_ms"], "passed": report.passed and not (
-                quantized is not None and not quantized.within_gates),
+    return {**row, **report.summary, "latency_ms": report.latency["p50_ms"], "passed": report.passed and not quantize_failed,
             "report": str(run / tgt.name / "parity.md"), "failures": failures,
             "warnings": list(report.warnings)}
 

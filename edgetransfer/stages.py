@@ -131,11 +131,12 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     calibration = load_arrays(chosen.samples, meta.input_spec, description="calibration images")
     val = load_arrays(splits.val, meta.input_spec, description="validation images")
     labels = np.array([s.label for s in splits.val])
-    # agreement needs no labels: measured on every image the run may look at (never test), evenly
-    # thinned to AGREEMENT_IMAGES; the search aims past the gate on these (`Quantization.agreement_margin`)
+    # agreement needs no labels: measured on every image the run may look at (never test): the
+    # validation images the search always measures, plus the train images (calibration draws from
+    # both), thinned to AGREEMENT_IMAGES; the search aims past the gate on these
     task: dict[str, Any] = {}
     if meta.task != "anomaly":
-        task["agreement_images"] = _agreement_images([*splits.train, *splits.val], meta.input_spec)
+        task["agreement_images"] = _agreement_images(splits.train, meta.input_spec)
     else:  # judged by AUROC and decisions; the distances to the bank stay fp32
         from .anomaly.deploy import float_nodes, score_metric
         from .anomaly.fit import good_index
@@ -156,12 +157,12 @@ def quantize_run(run: str | Path, target: str | Path | Target, *, calib: str | P
     return QuantizeResult(model=out / INT8_FILE, report=report, calibration=chosen.record)
 
 
-#: at most this many train/val images judge agreement in the quantization search (a classifier's run)
+#: at most this many train images judge agreement in the quantization search besides val (a classifier's run)
 AGREEMENT_IMAGES = 1000
 
 
 def _agreement_images(samples: Sequence[Sample], spec: InputSpec) -> list[np.ndarray]:
-    """Every train/val image, or AGREEMENT_IMAGES of them evenly spaced (the lists are ordered by class)."""
+    """Every image of `samples`, or AGREEMENT_IMAGES of them evenly spaced (the lists are ordered by class)."""
     if len(samples) > AGREEMENT_IMAGES:
         pick = np.unique(np.linspace(0, len(samples) - 1, AGREEMENT_IMAGES).astype(int))
         samples = [samples[i] for i in pick]

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import DependencyError, UsageError
 from ..fsutil import atomic_path
-from ..parity import Gates, Side, compare
+from ..parity import Gates, Side, compare, cosines
 from ..progress import progress_bar
 from ..targets import CalibrationPreset, GateSpec, Quantization
 from .qdq import keep_fp32, quantized_layers
@@ -150,9 +150,7 @@ def _same_top1(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
 
 def _min_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    a, b = reference.astype(np.float64), candidate.astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-300), 1.0)
+    cos = cosines(reference, candidate)
     return float(cos.min()) if len(cos) else 1.0
 
 
@@ -362,8 +360,7 @@ def _alternatives(ctx: _Context, quantizer: Quantizer, best: _Trial, goal: Goal)
             options.append((f"`--calib {method}`", quantizer, None,
                             dataclasses.replace(ctx.preset, name=method, method=method)))
     for name, cls in QUANTIZERS.items():
-        other = cls()
-        if name != quantizer.name and other.available() is None:
+        if name != quantizer.name and (other := cls()).available() is None:
             options.append((f"`--quantizer {name}`", other, dataclasses.replace(ctx.scheme, quantizer=name), None))
     if ctx.scheme.reduce_range:
         options.append(("8-bit weights (`reduce_range: false` in a copy of the profile; exact only on CPUs with "
@@ -592,15 +589,17 @@ def _fallback(ctx: _Context, quantizer: Quantizer, start: _Trial, goal: Goal) ->
 
     Ranking is cheap: one extra quantization with fp32 weights behind Q→DQ pairs, then per layer a
     graph edit that leaves *only that layer* in INT8 (every other layer fp32, on fp32 inputs), scored
-    by the tail logit error vs fp32 (`_tail_error`) it adds to the floor (the error of the quantizers outside layers, which
-    no layer kept in fp32 removes), on up to RANKING_SAMPLES of the agreement images (no labels
+    by the tail logit error vs fp32 (`_tail_error`) it adds to the floor (the error of the quantizers
+    outside layers, which no layer kept in fp32 removes), on up to RANKING_SAMPLES of the agreement images (no labels
     needed). Leave-one-in, not leave-one-out: with two independent culprits, keeping either one alone
     in fp32 changes nothing, so leave-one-out ranks by noise. The ranking is by the added error
     itself (a share of the sum of all layers' added errors is reported: shares never exceed 1).
 
     Each candidate layer is then real: the quantizer runs again with it excluded and the validation
     and agreement images judge it. A layer is kept only when the measured figures improve
-    (`Goal.rank`); otherwise it is put back (recorded in `rejected`) and the next is tried. The search
+    (`Goal.rank`); otherwise it is held once and tried together with the next candidate (two
+    culprits: neither helps while the other stays INT8), and put back (recorded in `rejected`) when
+    the pair does not improve them either. The search
     stops when the aim is met, when `max_fallback_layers` layers are kept, or when twice that many
     candidates were tried, and says which.
     """
