@@ -151,7 +151,8 @@ def test_future_schema_and_resigned_edits(bundles, tmp_path):
     digest = read_manifest(folder)["manifest_sha256"]
     _rewrite_manifest(folder, classes=["a", "b", "c", "d", "e"])
     assert CliRunner().invoke(main, ["verify", str(folder), "--hashes-only", "--expect", digest]).exit_code == 4
-    assert CliRunner().invoke(main, ["verify", str(bundles["x86-onnxruntime"]), "--hashes-only",
+    # (--allow-failed: whether the barely trained shared model passed its parity gates depends on the CPU)
+    assert CliRunner().invoke(main, ["verify", str(bundles["x86-onnxruntime"]), "--hashes-only", "--allow-failed",
                                      "--expect", digest]).exit_code == 0
 
 
@@ -210,7 +211,7 @@ def test_bundling_is_atomic(shipped_run, bundles, tmp_path):
     with pytest.raises(OSError):
         write_bundle(shipped_run, "x86-onnxruntime", out, allow_failed=True, force=True, archive=True)
     assert read_manifest(out)["manifest_sha256"] == before
-    assert verify_bundle(out, hashes_only=True).passed
+    assert verify_bundle(out, hashes_only=True, allow_failed=True).passed  # bundled with allow_failed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.tar.gz"]  # no temporary leftovers
 
     run = tmp_path / "run"
